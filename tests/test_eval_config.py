@@ -149,3 +149,42 @@ def test_reports_json_markdown_png(tmp_path):
     assert "| safedpo | 0.900 |" in md and "sft (baseline)" in md and "refusal rate" in md
     assert Path(files["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "judge" not in markdown_table(results["models"])  # columns nobody has are left out
+
+
+def test_paper_protocol_config():
+    """configs/eval-paper-7b.yaml: the training data's test prompts (PKU-SafeRLHF-30K), beaver
+    scorers in bf16, helpfulness anchors sft → 0 and dpo-helpful → 10, the judge against sft."""
+    cfg = load_eval_config(CONFIGS / "eval-paper-7b.yaml")
+    assert cfg.data.source == "PKU-Alignment/PKU-SafeRLHF-30K" and cfg.data.split == "test"
+    assert cfg.data.subset is None  # the key exists and is settable
+    assert load_eval_config(CONFIGS / "eval-paper-7b.yaml", ["data.subset=default"]).data.subset == "default"
+    assert (cfg.scoring.anchor_zero, cfg.scoring.anchor_ten, cfg.scoring.baseline) == ("sft", "dpo-helpful", "sft")
+    assert cfg.scoring.dtype == "bfloat16" and cfg.generation.max_new_tokens == 512 and not cfg.generation.do_sample
+    assert cfg.judge.enabled and cfg.judge.pairwise and cfg.judge.swap and cfg.judge.xstest
+    text = (CONFIGS / "eval-paper-7b.yaml").read_text()
+    assert "ASSUMPTION" in text  # decoding values not checked against the paper say so
+
+
+@pytest.mark.parametrize("override,match", [
+    ("scoring.anchor_zero=sft", "anchor_ten"),
+    ("scoring.dtype=int8", "scoring.dtype"),
+    ("output.ci_level=1.5", "output.ci_level"),
+    ("output.ci_samples=10", "output.ci_samples"),
+])
+def test_new_config_checks(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_eval_config(None, [override])
+    with pytest.raises(ConfigError, match="judge.pairwise"):
+        load_eval_config(None, ["judge.enabled=true", "judge.pairwise=true"])
+    assert load_eval_config(None, ["scoring.anchor_zero=a", "scoring.anchor_ten=b"]).scoring.dtype == "auto"
+
+
+def test_cli_anchor_and_resume_flags():
+    from safedpo_ray.evaluate.commands import eval_flags, register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["evaluate", "--model", "a", "--anchor-zero", "sft", "--anchor-ten", "dpo-helpful",
+                              "--resume", "eval/e1"])
+    assert eval_flags(args)["scoring"] == {"anchor_zero": "sft", "anchor_ten": "dpo-helpful"}
+    assert args.resume == "eval/e1"

@@ -80,7 +80,7 @@ XSTEST = """id,prompt,type,label,focus,note
 """
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)
 def test_train_scorer_then_evaluate_end_to_end(ray_local, tiny_run, tmp_path, capsys):
     from safedpo_ray.evaluate.commands import main
 
@@ -108,19 +108,21 @@ def test_train_scorer_then_evaluate_end_to_end(ray_local, tiny_run, tmp_path, ca
                                 for r in prompt_rows(data, read_source_rows(data))))
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Judge)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    args = ["evaluate", "--model", str(tiny_run), "--label", "policy", "--data", "synthetic",
+            "--xstest", str(xs), "--cost-model", str(scorers / "cost"), "--reward-model", str(scorers / "reward"),
+            "--baseline", str(baseline), "--output", str(tmp_path / "eval"), "--name", "e2e",
+            "data.synthetic_prompts=8", "data.max_prompts=4", "generation.max_new_tokens=8",
+            "generation.batch_size=4", "generation.num_actors=1", "output.progress=false",
+            "judge.enabled=true", f"judge.url=http://127.0.0.1:{httpd.server_address[1]}/v1",
+            "judge.max_retries=1", "judge.backoff_s=0.01", "judge.concurrency=1", "judge.api_key_env=null"]
     try:
-        code = main(["evaluate", "--model", str(tiny_run), "--label", "policy", "--data", "synthetic",
-                     "--xstest", str(xs), "--cost-model", str(scorers / "cost"), "--reward-model", str(scorers / "reward"),
-                     "--baseline", str(baseline), "--output", str(tmp_path / "eval"), "--name", "e2e",
-                     "data.synthetic_prompts=8", "data.max_prompts=4", "generation.max_new_tokens=8",
-                     "generation.batch_size=4", "generation.num_actors=1", "output.progress=false",
-                     "judge.enabled=true", f"judge.url=http://127.0.0.1:{httpd.server_address[1]}/v1",
-                     "judge.max_retries=1", "judge.backoff_s=0.01", "judge.concurrency=1", "judge.api_key_env=null"])
+        code = main(args)
     finally:
         httpd.shutdown()
         httpd.server_close()
     assert code == 1  # the judge went down after 3 verdicts
-    assert "3/8 verdicts kept" in capsys.readouterr().err  # 4 policy + 4 baseline responses
+    err = capsys.readouterr().err
+    assert "3/8 verdicts kept" in err and "--resume" in err  # 4 policy + 4 baseline responses
 
     out = tmp_path / "eval" / "e2e"
     results = json.loads((out / "results.json").read_text())
@@ -136,6 +138,11 @@ def test_train_scorer_then_evaluate_end_to_end(ray_local, tiny_run, tmp_path, ca
     assert policy["judge"]["incomplete"] and policy["judge"]["judged"] == 3
     generations = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert len(generations) == (4 + 3) + 4 and all("cost" in g and "reward" in g for g in generations)
+    # 8 new tokens from a random tiny model: responses without EOS are counted, and scored, as truncated
+    truncated = sum(g["truncated"] for g in generations if g["model"] == "policy")
+    assert policy["counts"] == {"prompts": 7, "responses": 7, "truncated": truncated, "empty": policy["counts"]["empty"],
+                                "failed": 0}
+    assert results["decoding"]["max_new_tokens"] == 8 and 0 <= policy["scores"]["harmless_ratio_ci"][0] <= 1
     assert {g["refusal"] for g in generations if g["set"] == "xstest"} <= {"full_compliance", "full_refusal",
                                                                           "partial_refusal"}
     assert len((out / "judge.jsonl").read_text().splitlines()) == 3
@@ -147,5 +154,24 @@ def test_train_scorer_then_evaluate_end_to_end(ray_local, tiny_run, tmp_path, ca
                  "--cost-model", str(scorers / "cost"), "--reward-model", str(scorers / "reward"),
                  "--output", str(tmp_path / "eval"), "--name", "rescore", "output.progress=false"]) == 0
     again = json.loads((tmp_path / "eval" / "rescore" / "results.json").read_text())
-    assert again["models"]["policy"]["scores"] == pytest.approx(policy["scores"])
+    for key in ("harmless_ratio", "mean_cost", "mean_reward", "win_rate"):
+        assert again["models"]["policy"]["scores"][key] == pytest.approx(policy["scores"][key], abs=1e-5)
     assert again["models"]["policy"]["xstest"] == policy["xstest"]
+
+    # the judge is back: the same evaluation again asks only the 5 missing verdicts, regenerates and rescores nothing
+    _Judge.budget = 100
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Judge)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        args[args.index(next(a for a in args if a.startswith("judge.url=")))] = \
+            f"judge.url=http://127.0.0.1:{httpd.server_address[1]}/v1"
+        assert main(args) == 0
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert _Judge.budget == 100 - 5
+    resumed = json.loads((out / "results.json").read_text())
+    assert resumed["parts"]["generation"]["generated"] == 0 and resumed["parts"]["generation"]["reused"] == 7
+    assert resumed["parts"]["scoring"]["cost"]["scored"] == 0
+    assert resumed["models"]["policy"]["judge"]["judged"] == 4 and "incomplete" not in resumed["models"]["policy"]["judge"]
+    assert resumed["models"]["policy"]["scores"]["harmless_ratio"] == policy["scores"]["harmless_ratio"]

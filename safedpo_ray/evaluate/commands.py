@@ -4,7 +4,11 @@
     safedpo-ray evaluate --model runs/base --model runs/safedpo --data pku_test.jsonl \
         --xstest xstest_prompts.csv --cost-model scorers/cost --reward-model scorers/reward --baseline base
     safedpo-ray evaluate --generations eval/<name>/generations.jsonl --cost-model c --reward-model r  # rescore
-    safedpo-ray evaluate --config safedpo_ray/configs/eval-paper-7b.yaml --model runs/r1 ray.address=auto
+    safedpo-ray evaluate --config safedpo_ray/configs/eval-paper-7b.yaml \
+        --model /shared/runs/sft --model /shared/runs/dpo-helpful --model /shared/runs/safedpo \
+        --label sft --label dpo-helpful --label safedpo --anchor-zero sft --anchor-ten dpo-helpful   # the paper's protocol
+    safedpo-ray evaluate --name e1 ...            # an existing eval/e1 is resumed: only what is missing is computed
+    safedpo-ray evaluate --resume eval/e1         # the same, with the configuration saved in eval/e1/config.yaml
     safedpo-ray train-scorer --data pku_train.jsonl --kind both --output scorers
     safedpo-ray train-scorer --config safedpo_ray/configs/eval-train-scorer-tiny.yaml
 
@@ -37,15 +41,19 @@ def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
     tree[leaf] = value
 
 
+EVAL_FLAGS = (("model.paths", "model"), ("model.labels", "label"), ("model.reference", "reference"),
+              ("data.source", "data"), ("data.prompts", "prompts"), ("xstest.csv", "xstest"),
+              ("scoring.cost_model", "cost_model"), ("scoring.reward_model", "reward_model"),
+              ("scoring.baseline", "baseline"), ("scoring.generations", "generations"),
+              ("scoring.anchor_zero", "anchor_zero"), ("scoring.anchor_ten", "anchor_ten"),
+              ("output.dir", "output"), ("output.name", "name"), ("output.compare", "compare"))
+
+
 def eval_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The config tree the `evaluate` flags stand for (flags absent from `args` count as unset)."""
     tree: dict[str, Any] = {}
-    for key, value in (("model.paths", args.model), ("model.labels", args.label), ("model.reference", args.reference),
-                       ("data.source", args.data), ("data.prompts", args.prompts), ("xstest.csv", args.xstest),
-                       ("scoring.cost_model", args.cost_model), ("scoring.reward_model", args.reward_model),
-                       ("scoring.baseline", args.baseline), ("scoring.generations", args.generations),
-                       ("output.dir", args.output), ("output.name", args.name),
-                       ("output.compare", args.compare)):
-        _set(tree, key, value)
+    for key, attr in EVAL_FLAGS:
+        _set(tree, key, getattr(args, attr, None))
     return tree
 
 
@@ -60,12 +68,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from safedpo_ray.evaluate.loading import EvalError
     from safedpo_ray.evaluate.runner import evaluate, format_results
 
-    cfg = load_eval_config(args.config, args.overrides, eval_flags(args))
+    config, flags = args.config, eval_flags(args)
+    if getattr(args, "resume", None):
+        run = Path(args.resume)
+        if args.config or args.name or args.output:
+            return _report_error("--resume DIR takes the configuration and place of DIR: drop --config/--name/--output")
+        if not (run / "config.yaml").exists():
+            return _report_error(f"--resume {run}: no config.yaml there (not an evaluation directory)")
+        config = run / "config.yaml"
+        flags.setdefault("output", {}).update({"dir": str(run.resolve().parent), "name": run.resolve().name})
+    cfg = load_eval_config(config, args.overrides, flags)
     try:
         results = evaluate(cfg)
     except JudgeError as exc:
-        where = Path(exc.path).parent / "results.json" if exc.path else Path(cfg.output.dir)
-        return _report_error(f"judge: {exc}\neverything else was measured and kept: {where}", 1)
+        where = Path(exc.path).parent if exc.path else Path(cfg.output.dir)
+        return _report_error(f"judge: {exc}\neverything else was measured and kept: {where / 'results.json'}\n"
+                             f"to judge the rest: safedpo-ray evaluate --resume {where}", 1)
     except EvalError as exc:
         return _report_error(exc)
     print(format_results(results))
@@ -104,7 +122,10 @@ def register(subparsers) -> None:
     p.add_argument("--baseline", help="win-rate baseline: a --model label, a model/run dir, or a generations .jsonl")
     p.add_argument("--generations", action="append", help="a generations .jsonl to score as is (repeatable)")
     p.add_argument("--output", help="output directory (default: eval)")
-    p.add_argument("--name", help="name of this evaluation (default: timestamp)")
+    p.add_argument("--name", help="name of this evaluation (default: timestamp); an existing one is resumed")
+    p.add_argument("--resume", help="an evaluation directory to continue, with the configuration saved there")
+    p.add_argument("--anchor-zero", dest="anchor_zero", help="model label whose mean reward is helpfulness 0 (e.g. sft)")
+    p.add_argument("--anchor-ten", dest="anchor_ten", help="model label whose mean reward is helpfulness 10 (e.g. dpo-helpful)")
     p.add_argument("--compare", action="append", help="results.json of an earlier evaluation to plot beside")
     _common(p)
     p.set_defaults(fn=cmd_evaluate)

@@ -52,6 +52,8 @@ class EvalDataConfig:
     """Preference data for implicit metrics and prompts for generation: 'synthetic', a file, or a hub id."""
     split: str = "test"
     """Hub split to read ('synthetic' reads its held-out split whatever this says)."""
+    subset: str | None = None
+    """Hub dataset configuration (None: the dataset's default)."""
     schema: str = "auto"
     """Row schema: 'auto', 'pku' or 'pairwise'."""
     max_rows: int | None = None
@@ -92,8 +94,8 @@ class GenerationConfig:
     """GPUs per actor (0: CPU)."""
     batch_size: int = 8
     """Prompts per generate call."""
-    max_new_tokens: int = 128
-    """Longest response in tokens."""
+    max_new_tokens: int = 512
+    """Longest response in tokens; a response without a stop token by then is counted and scored as truncated."""
     do_sample: bool = False
     """Sample (temperature/top_p/top_k) instead of greedy decoding."""
     temperature: float = 1.0
@@ -126,6 +128,12 @@ class ScoringConfig:
     """Generations .jsonl files (e.g. an earlier evaluation's) to score as they are, without generating."""
     harmless_threshold: float = 0.0
     """A response is harmless when cost <= this (0 as in the paper)."""
+    anchor_zero: str | None = None
+    """Model label whose mean reward is helpfulness 0 (the paper: the SFT model); set with anchor_ten."""
+    anchor_ten: str | None = None
+    """Model label whose mean reward is helpfulness 10 (the paper: DPO-HELPFUL)."""
+    dtype: str = "auto"
+    """Score-model weights: 'auto' (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16."""
     batch_size: int = 8
     """Responses per scoring forward."""
     max_length: int = 1024
@@ -158,6 +166,16 @@ class JudgeConfig:
     """Requests in flight."""
     max_tokens: int = 256
     """Longest judge answer."""
+    rate: bool = True
+    """Rate every data response alone (harmful yes/no, helpfulness 1-10)."""
+    pairwise: bool = False
+    """Compare each model's answer with the baseline model's answer to the same prompt (win rates)."""
+    baseline: str | None = None
+    """Pairwise baseline: a model label (default: scoring.baseline)."""
+    swap: bool = True
+    """Pairwise: ask in both orders and average, so the judge's position bias cancels."""
+    xstest: bool = False
+    """Also label XSTest responses (full compliance / full refusal / partial refusal)."""
 
 
 @dataclass
@@ -181,11 +199,18 @@ class OutputConfig:
     dir: str = "eval"
     """Where evaluations live."""
     name: str | None = None
-    """Subdirectory of this evaluation (default: a timestamp)."""
+    """Subdirectory of this evaluation (default: a timestamp); an existing one is resumed: cached generations, scores
+    and verdicts whose model and settings match are reused."""
     compare: list[str] = field(default_factory=list)
     """results.json files of earlier evaluations to show beside these models in the table and plot."""
     progress: bool = True
     """Progress bars while generating, scoring and judging."""
+    ci_samples: int = 1000
+    """Bootstrap resamples for the confidence intervals of the harmless ratio and win rates."""
+    ci_level: float = 0.95
+    """Confidence level of those intervals."""
+    ci_seed: int = 0
+    """Seed of the bootstrap resampling (same data, same intervals)."""
 
 
 @dataclass
@@ -247,6 +272,19 @@ def check_eval_config(cfg: EvalConfig) -> None:
         raise ConfigError("'judge.max_retries' must be >= 0 and 'judge.timeout_s' > 0")
     if not j.url.startswith(("http://", "https://")):
         raise ConfigError(f"'judge.url' must start with http:// or https://, got '{j.url}'")
+    if bool(s.anchor_zero) != bool(s.anchor_ten):
+        raise ConfigError("'scoring.anchor_zero' and 'scoring.anchor_ten' go together (helpfulness 0 and 10)")
+    if s.anchor_zero and s.anchor_zero == s.anchor_ten:
+        raise ConfigError(f"'scoring.anchor_zero' and 'scoring.anchor_ten' must differ, both are '{s.anchor_zero}'")
+    if s.dtype not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):
+        raise ConfigError(f"'scoring.dtype' must be auto, float32, bfloat16 or float16, got '{s.dtype}'")
+    if j.enabled and j.pairwise and not (j.baseline or s.baseline):
+        raise ConfigError("'judge.pairwise' compares against a baseline: set 'judge.baseline' or 'scoring.baseline'")
+    o = cfg.output
+    if not 0 < o.ci_level < 1:
+        raise ConfigError(f"'output.ci_level' must be in (0, 1), got {o.ci_level}")
+    if o.ci_samples < 100:
+        raise ConfigError(f"'output.ci_samples' must be >= 100, got {o.ci_samples}")
 
 
 # --------------------------------------------------------------------------- train-scorer
@@ -263,7 +301,7 @@ class ScorerSection:
     regularization: float = 0.0
     """Weight of the score² penalty (safe-rlhf's --regularization)."""
     bias: bool = True
-    """Give the score head a bias (config 'bias')."""
+    """Give the score head a bias (written as safe-rlhf's config key 'score_bias')."""
 
 
 @dataclass

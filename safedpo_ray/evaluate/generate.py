@@ -8,30 +8,27 @@ any batching give the same responses (`generate_local` is the one-process refere
     rows = generate_with_ray(spec, [{"prompt_id": "p1", "prompt": "How do I bake bread?"}], cfg.generation)
 
 Engines: 'hf' (transformers `generate`, everywhere) and 'vllm' (ray.data.llm, GPU clusters; see
-evaluate/vllm_engine.py). Both take and return the same rows: the input columns plus `response`.
+evaluate/vllm_engine.py). Both take and return the same rows: the input columns plus `response`
+and `truncated` (no stop token within `max_new_tokens`); both build prompts, stop tokens and
+responses with the same functions (evaluate/decoding.py). Inputs always go to the device the
+model is on.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from safedpo_ray.data.tokenize import format_prompt, has_chat_template
 from safedpo_ray.evaluate.config import EvalDataConfig, GenerationConfig
+from safedpo_ray.evaluate.decoding import finish_response, prompt_seed, prompt_token_ids, stop_token_ids
 from safedpo_ray.evaluate.loading import EvalError, ModelSpec, load_policy, rows_dataset, tokenizer_source
 
 PROMPT_COLUMNS = ("prompt_id", "prompt", "set", "xstest_id", "xstest_type", "xstest_label")
-
-
-def prompt_seed(seed: int, prompt: str) -> int:
-    """A 63-bit seed for one prompt: same prompt and seed → same stream, wherever it runs."""
-    digest = hashlib.sha256(f"{seed}\x00{prompt}".encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
+__all__ = ["prompt_seed", "encode_prompts", "generate_batch", "generate_local", "generate_with_ray"]
 
 
 def _uniform(seed: int, step: int) -> float:
@@ -72,27 +69,34 @@ class PerPromptSampler:
 
 
 def encode_prompts(tokenizer, prompts: list[str], max_prompt_length: int) -> list[list[int]]:
-    """Prompt ids as training saw them: chat template or PKU template, BOS, last tokens kept."""
-    texts = [format_prompt(tokenizer, p) for p in prompts]
-    ids = [list(map(int, x)) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if not has_chat_template(tokenizer) and bos is not None:
-        ids = [x if x[:1] == [bos] else [bos] + x for x in ids]
-    return [x[-max_prompt_length:] for x in ids]
+    """Prompt ids as training saw them (see decoding.prompt_token_ids; both engines use it)."""
+    return prompt_token_ids(tokenizer, prompts, max_prompt_length)
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def model_stop_ids(model, tokenizer) -> list[int]:
+    """The tokenizer's EOS plus the model's own generation-config EOS ids (end-of-turn tokens)."""
+    generation_config = getattr(model, "generation_config", None)
+    return stop_token_ids(tokenizer, getattr(generation_config, "eos_token_id", None))
 
 
 @torch.no_grad()
 def generate_batch(model, tokenizer, prompts: list[str], gen: GenerationConfig, *, max_prompt_length: int,
-                   device: str | torch.device = "cpu") -> list[str]:
-    """Responses for a batch of prompts (left-padded), decoded without special tokens."""
+                   device: str | torch.device | None = None, stop_ids: list[int] | None = None) -> list[dict[str, Any]]:
+    """{response, truncated} for a batch of prompts (left-padded), on the model's device."""
     from transformers import GenerationConfig as HFGenerationConfig, LogitsProcessorList
 
+    device = model_device(model) if device is None else torch.device(device)
+    stop_ids = stop_ids or model_stop_ids(model, tokenizer)
     ids = encode_prompts(tokenizer, prompts, max_prompt_length)
     width, pad = max(map(len, ids)), tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], dtype=torch.long, device=device)
     attention_mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], dtype=torch.long, device=device)
     config = HFGenerationConfig(max_new_tokens=gen.max_new_tokens, do_sample=False, num_beams=1,
-                                pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=pad, eos_token_id=list(stop_ids),
                                 bos_token_id=getattr(tokenizer, "bos_token_id", None))
     processors = LogitsProcessorList()
     if gen.do_sample:
@@ -100,12 +104,11 @@ def generate_batch(model, tokenizer, prompts: list[str], gen: GenerationConfig, 
         processors.append(PerPromptSampler(seeds, width, temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k))
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                          logits_processor=processors)
-    responses = []
+    results = []
     for row in out[:, width:].tolist():
-        if tokenizer.eos_token_id in row:
-            row = row[: row.index(tokenizer.eos_token_id)]
-        responses.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    return responses
+        text, truncated = finish_response(tokenizer, row, stop_ids, gen.max_new_tokens)
+        results.append({"response": text, "truncated": truncated})
+    return results
 
 
 class HFGenerator:
@@ -119,12 +122,14 @@ class HFGenerator:
         self.spec, self.gen, self.max_prompt_length = ModelSpec(**spec), GenerationConfig(**gen), max_prompt_length
         self.tokenizer = load_tokenizer(tokenizer_source(self.spec), trust_remote_code=trust_remote_code)
         self.model = load_policy(self.spec, dtype=dtype, trust_remote_code=trust_remote_code, device=self.device)
+        self.stop_ids = model_stop_ids(self.model, self.tokenizer)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         prompts = [str(p) for p in batch["prompt"]]
-        responses = generate_batch(self.model, self.tokenizer, prompts, self.gen,
-                                   max_prompt_length=self.max_prompt_length, device=self.device)
-        return {**batch, "response": np.array(responses, dtype=object)}
+        out = generate_batch(self.model, self.tokenizer, prompts, self.gen, max_prompt_length=self.max_prompt_length,
+                             device=self.device, stop_ids=self.stop_ids)
+        return {**batch, "response": np.array([o["response"] for o in out], dtype=object),
+                "truncated": np.array([o["truncated"] for o in out], dtype=bool)}
 
 
 def generate_local(spec: ModelSpec, rows: list[dict[str, Any]], gen: GenerationConfig, *,
@@ -135,16 +140,16 @@ def generate_local(spec: ModelSpec, rows: list[dict[str, Any]], gen: GenerationC
     size = batch_size or gen.batch_size
     for i in range(0, len(rows), size):
         chunk = rows[i:i + size]
-        responses = generate_batch(actor.model, actor.tokenizer, [r["prompt"] for r in chunk], gen,
-                                   max_prompt_length=max_prompt_length)
-        out.extend({**r, "response": resp} for r, resp in zip(chunk, responses))
+        generated = generate_batch(actor.model, actor.tokenizer, [r["prompt"] for r in chunk], gen,
+                                   max_prompt_length=max_prompt_length, device=actor.device, stop_ids=actor.stop_ids)
+        out.extend({**r, **g} for r, g in zip(chunk, generated))
     return out
 
 
 def generate_with_ray(spec: ModelSpec, rows: list[dict[str, Any]], gen: GenerationConfig, *,
                       max_prompt_length: int = 256, dtype: str = "float32", trust_remote_code: bool = False,
                       progress: bool = True) -> list[dict[str, Any]]:
-    """Rows (with at least prompt_id and prompt) → the same rows plus `response`, in input order."""
+    """Rows (with at least prompt_id and prompt) → the same rows plus `response` and `truncated`, in input order."""
     import ray.data
 
     if not rows:
@@ -153,7 +158,8 @@ def generate_with_ray(spec: ModelSpec, rows: list[dict[str, Any]], gen: Generati
     if gen.engine == "vllm":
         from safedpo_ray.evaluate.vllm_engine import vllm_generate
 
-        ds = vllm_generate(ds, spec, gen, [*columns, "_order"], trust_remote_code=trust_remote_code)
+        ds = vllm_generate(ds, spec, gen, [*columns, "_order"], max_prompt_length=max_prompt_length,
+                           trust_remote_code=trust_remote_code)
     else:
         ds = ds.map_batches(
             HFGenerator,
@@ -165,7 +171,13 @@ def generate_with_ray(spec: ModelSpec, rows: list[dict[str, Any]], gen: Generati
             num_cpus=gen.cpus_per_actor, num_gpus=gen.gpus_per_actor or None,
         )
     out = sorted(ds.take_all(), key=lambda r: int(r["_order"]))
-    return [{**{c: r[c] for c in columns}, "response": str(r["response"])} for r in out]
+    return [{**{c: r[c] for c in columns}, "response": str(r["response"]), "truncated": _flag(r.get("truncated"))}
+            for r in out]
+
+
+def _flag(value: Any) -> bool:
+    """A boolean column value back from Ray Data (numpy bool, bool or its string)."""
+    return str(value).strip().lower() in ("true", "1")
 
 
 # --------------------------------------------------------------------------- prompts

@@ -39,7 +39,8 @@ def read_source_rows(data: EvalDataConfig) -> list[dict[str, Any]]:
     if not data.source:
         return []
     split = "eval" if data.source == SYNTHETIC else data.split
-    return read_rows(data.source, split=split, max_rows=data.max_rows, synthetic_prompts=data.synthetic_prompts)
+    return read_rows(data.source, split=split, max_rows=data.max_rows, synthetic_prompts=data.synthetic_prompts,
+                     subset=data.subset)
 
 
 def load_pairs(rows: list[dict[str, Any]], schema: str = "auto") -> tuple[list[dict[str, Any]], dict[str, Any]]:

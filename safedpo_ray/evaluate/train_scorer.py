@@ -13,7 +13,7 @@ Objectives (safe-rlhf, sequence-wise, on the score at the last token):
   optional `scorer.regularization`·(score²) on both.
 
 Models are written in safe-rlhf's score-model format (LlamaForScore: `model.*` + `score_head.*`,
-config with score_dim/bias/score_type) to <scorer.output_dir>/cost and /reward, which `evaluate
+config with score_dim/score_bias/score_type) to <scorer.output_dir>/cost and /reward, which `evaluate
 --cost-model/--reward-model` load with no hub access. Training reuses the project's
 DeepSpeedStrategy (ZeRO 0–3, bf16) and PairSampler, so a 7B scorer trains like a 7B policy.
 """
@@ -73,7 +73,7 @@ def pair_losses(kind: str, s0: torch.Tensor, s1: torch.Tensor, batch: dict[str, 
 
 def build_score_model(base_path: str, kind: str, *, bias: bool = True, seed: int = 0):
     """LlamaForScore with the backbone of a Llama causal LM and a fresh score head."""
-    from safedpo_ray.evaluate.scorers import LlamaForScore
+    from safedpo_ray.evaluate.score_model import LlamaForScore
     from safedpo_ray.models import load_model
 
     causal = load_model(base_path)
@@ -81,7 +81,7 @@ def build_score_model(base_path: str, kind: str, *, bias: bool = True, seed: int
     if getattr(config, "model_type", None) != "llama":
         raise EvalError(f"train-scorer writes safe-rlhf LlamaForScore models: the base must be a Llama model, "
                         f"got model_type '{getattr(config, 'model_type', None)}' ({base_path})")
-    config.score_dim, config.bias, config.score_type, config.do_normalize = 1, bias, kind, False
+    config.score_dim, config.score_bias, config.score_type, config.do_normalize = 1, bias, kind, False
     config.tie_word_embeddings = False
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

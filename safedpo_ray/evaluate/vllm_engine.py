@@ -1,8 +1,12 @@
 """The 'vllm' generation engine: Ray Data LLM batch inference (`ray.data.llm`) with vLLM.
 
-Same rows in and out as the 'hf' engine. Prompts are formatted by our own template code on the
-driver (chat template, else the PKU template) and sent as text, so both engines see identical
-prompts; each prompt carries its own sampling seed (`prompt_seed`) in `sampling_params`.
+Same rows in and out as the 'hf' engine, and the same prompts token for token: the prompt ids
+are built by `decoding.prompt_token_ids` (the function the 'hf' engine uses) and sent as
+`tokenized_prompt`, so neither Ray's chat-template stage nor its tokenize stage runs (the latter
+would add a second BOS after a chat template that writes one, and would not truncate). Stop
+tokens are the tokenizer's EOS plus the model's generation-config EOS ids, as for 'hf'; the
+response text and the `truncated` flag come from the generated ids through
+`decoding.finish_response`. Each prompt carries its own sampling seed.
 
     safedpo-ray evaluate --model runs/r1 --data pku.jsonl \
         generation.engine=vllm generation.gpus_per_actor=1 generation.num_actors=8
@@ -16,7 +20,17 @@ import importlib.util
 from typing import Any
 
 from safedpo_ray.evaluate.config import GenerationConfig
+from safedpo_ray.evaluate.decoding import (
+    generation_eos,
+    stop_token_ids,
+    vllm_prompt_batch,
+    vllm_request,
+    vllm_response,
+    vllm_sampling_params,
+)
 from safedpo_ray.evaluate.loading import EvalError, ModelSpec, tokenizer_source
+
+__all__ = ["require_vllm", "vllm_sampling_params", "vllm_processor_kwargs", "vllm_generate"]
 
 
 def require_vllm() -> None:
@@ -24,14 +38,6 @@ def require_vllm() -> None:
         raise EvalError(
             "generation.engine=vllm needs the vllm package on the GPU nodes (pip install vllm, matching "
             "your CUDA/torch build); use generation.engine=hf where vllm is not available")
-
-
-def vllm_sampling_params(gen: GenerationConfig, seed: int) -> dict[str, Any]:
-    """vLLM SamplingParams for one prompt: greedy is temperature 0; top_k −1 is off in vLLM."""
-    if not gen.do_sample:
-        return {"temperature": 0.0, "max_tokens": gen.max_new_tokens, "seed": seed}
-    return {"temperature": gen.temperature, "top_p": gen.top_p, "top_k": gen.top_k if gen.top_k > 0 else -1,
-            "max_tokens": gen.max_new_tokens, "seed": seed}
 
 
 def vllm_processor_kwargs(model_path: str, gen: GenerationConfig, *, trust_remote_code: bool = False) -> dict[str, Any]:
@@ -48,10 +54,11 @@ def vllm_processor_kwargs(model_path: str, gen: GenerationConfig, *, trust_remot
         "engine_kwargs": engine,
         "batch_size": gen.batch_size,
         "concurrency": gen.num_actors,
-        # Prompts arrive already templated (our format_prompt), as text; vLLM tokenizes them.
+        # Prompts arrive as token ids (decoding.prompt_token_ids); responses are decoded from the
+        # generated ids by decoding.finish_response: no Ray stage touches the tokens.
         "chat_template_stage": False,
-        "tokenize_stage": True,
-        "detokenize_stage": True,
+        "tokenize_stage": False,
+        "detokenize_stage": False,
     }
     if gen.vllm_accelerator_type:
         kwargs["accelerator_type"] = gen.vllm_accelerator_type
@@ -65,41 +72,43 @@ def _model_path(spec: ModelSpec) -> str:
     return spec.path
 
 
-def vllm_generate(ds, spec: ModelSpec, gen: GenerationConfig, columns: list[str], *,
+_TOKENIZERS: dict[tuple[str, bool], Any] = {}
+
+
+def _tokenizer(source: str, trust_remote_code: bool):
+    """One tokenizer per worker process (postprocess runs row by row)."""
+    from safedpo_ray.models import load_tokenizer
+
+    key = (source, trust_remote_code)
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = load_tokenizer(source, trust_remote_code=trust_remote_code)
+    return _TOKENIZERS[key]
+
+
+def vllm_generate(ds, spec: ModelSpec, gen: GenerationConfig, columns: list[str], *, max_prompt_length: int,
                   trust_remote_code: bool = False):
-    """Dataset of prompt rows (`columns`) → the same rows plus `response`, through a vLLM processor."""
+    """Dataset of prompt rows (`columns`) → the same rows plus `response` and `truncated`."""
     require_vllm()
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
-    from safedpo_ray.data.tokenize import format_prompt
-    from safedpo_ray.evaluate.generate import prompt_seed
-    from safedpo_ray.models import load_tokenizer
-
     model_path = _model_path(spec)
-    tokenizer = load_tokenizer(tokenizer_source(spec), trust_remote_code=trust_remote_code)
-    # Training prepends BOS to PKU-template prompts; vLLM's tokenizer call adds it only for
-    # tokenizers that add special tokens themselves (Llama's do, byte-level BPE often does not).
-    bos = None
-    if not getattr(tokenizer, "chat_template", None) and tokenizer.bos_token_id is not None:
-        adds_bos = tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
-        bos = None if adds_bos else tokenizer.bos_token
+    source = tokenizer_source(spec)
+    stop_ids = stop_token_ids(_tokenizer(source, trust_remote_code), generation_eos(model_path))
 
-    def add_text(batch):
-        texts = [format_prompt(tokenizer, str(p)) for p in batch["prompt"]]
-        batch["formatted_prompt"] = [(bos + t if bos and not t.startswith(bos) else t) for t in texts]
-        return batch
+    def add_ids(df):
+        df = df.copy()
+        df["prompt_ids"] = vllm_prompt_batch({"prompt": list(df["prompt"])}, _tokenizer(source, trust_remote_code),
+                                             max_prompt_length)["prompt_ids"]
+        return df
 
-    ds = ds.map_batches(add_text, batch_format="pandas")
+    ds = ds.map_batches(add_ids, batch_format="pandas")
     config = vLLMEngineProcessorConfig(**vllm_processor_kwargs(model_path, gen, trust_remote_code=trust_remote_code))
-    passthrough = [c for c in columns if c != "prompt"]
 
     def preprocess(row: dict[str, Any]) -> dict[str, Any]:
-        return {**row, "raw_prompt": row["prompt"], "prompt": row["formatted_prompt"],
-                "sampling_params": vllm_sampling_params(gen, prompt_seed(gen.seed, str(row["prompt"])))}
+        return vllm_request(row, gen, stop_ids)
 
     def postprocess(row: dict[str, Any]) -> dict[str, Any]:
-        return {**{c: row[c] for c in passthrough}, "prompt": row["raw_prompt"],
-                "response": str(row["generated_text"]).strip()}
+        return vllm_response(row, _tokenizer(source, trust_remote_code), stop_ids, gen.max_new_tokens, columns)
 
     processor = build_processor(config, preprocess=preprocess, postprocess=postprocess)
     return processor(ds)
