@@ -1,0 +1,292 @@
+"""A Ray Tune experiment over the training config: shared data and reference log-probs, one
+distributed training run per trial, selection under a safety target.
+
+    safedpo-ray tune                                          # built-in quick sweep, CPU, minutes
+    safedpo-ray tune --space paper-grid --config my.yaml      # Δ ∈ {0,2,5,10,20} × β ∈ {0.05,0.1}
+    safedpo-ray tune --space optuna tune.num_samples=20 tune.scheduler=asha run.address=auto
+    safedpo-ray tune --resume NAME                            # continue an interrupted experiment
+
+The data pipeline (validate → T → tokenize) and the reference log-probs are computed once per
+experiment and stored under keys that later runs reuse (data/reference.py); every trial reads
+them and trains with no reference model. Each trial is a function trainable that builds and fits
+a `TorchTrainer` (Ray Train V2 inside Tune), its reports forwarded by `TuneReportCallback`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from safedpo_ray.config import Config, ConfigError, _build, config_from_dict, dump_config
+from safedpo_ray.errors import UserError
+from safedpo_ray.search.report import table, write_results
+from safedpo_ray.search.scoring import write_held_out_prompts
+from safedpo_ray.search.space import SearchSpec, apply_params, check_against_config, check_spec, param_space
+
+SPEC_FILE = "search.yaml"
+BASE_FILE = "base_config.yaml"
+SHARED_FILE = "shared.json"
+
+
+class SearchError(UserError):
+    """An experiment that cannot start or continue as asked."""
+
+
+def inputs_key(cfg: Config) -> str:
+    """What the prepared pairs and reference log-probs depend on: a trial whose key differs from
+    the experiment's (it searches a data or model key) prepares its own (still cached)."""
+    return json.dumps({"data": cfg.to_dict()["data"], "model": [cfg.model.name_or_path, cfg.model.gguf_file],
+                       "precision": cfg.train.precision, "seed": cfg.train.seed}, sort_keys=True)
+
+
+def _read_shared(shared: dict[str, Any]):
+    from safedpo_ray.data.reference import ReferencePass, read_split
+    from safedpo_ray.train.trainer import Prepared
+
+    ref = ReferencePass(**{**shared["reference"], "path": Path(shared["reference"]["path"])})
+    datasets = {split: read_split(ref.path, split) for split in shared["splits"]}
+    return Prepared(datasets=datasets, stats=shared["stats"], model_path=shared["model_path"], reference=ref)
+
+
+def _prepare_shared(cfg: Config, exp_dir: Path) -> dict[str, Any]:
+    """Run the pipeline and the reference pass for `cfg`; a JSON-able description trials read."""
+    from safedpo_ray.train.trainer import attach_reference, prepare
+
+    prepared = prepare(cfg, exp_dir)
+    if "eval" not in prepared.datasets:
+        raise SearchError("a search needs held-out pairs to compare trials: set data.eval_source, "
+                          "data.eval_split or data.eval_fraction > 0")
+    prompts = write_held_out_prompts(prepared.datasets["eval"], exp_dir)
+    attach_reference(cfg, prepared)
+    r = prepared.reference
+    return {"inputs_key": inputs_key(cfg), "model_path": prepared.model_path, "stats": prepared.stats,
+            "held_out_prompts": str(prompts),
+            "splits": sorted(prepared.datasets),
+            "reference": {"key": r.key, "path": str(r.path), "computed": r.computed, "pairs": r.pairs,
+                          "seconds": r.seconds, "compute_seconds": r.compute_seconds}}
+
+
+def _finished_summary(run_dir: Path) -> dict[str, Any] | None:
+    """The summary of a trial whose training finished under an earlier driver that died before
+    Tune recorded it (Tune saves its state every few seconds): resuming reports it, not retrains."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if summary.get("eval_after") is not None else None
+
+
+def run_trial(params: dict[str, Any], *, base: dict[str, Any], exp_dir: str, shared: dict[str, Any],
+              spec: dict[str, Any]) -> None:
+    """The function trainable: one full distributed training run with the trial's parameters."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from safedpo_ray.train.trainer import attach_reference, fit, prepare
+
+    t0 = time.time()
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = apply_params(config_from_dict(base), params)
+    trials = Path(exp_dir) / "trials"
+    cfg.run.output_dir, cfg.run.name, cfg.run.resume = str(trials.parent), trial_id, False
+    run_dir = trials / trial_id
+    storage = Path(exp_dir) / "train"
+    summary = _finished_summary(run_dir)
+    if summary is None:
+        # A retried trial starts clean: its earlier attempt's metrics and checkpoints are not its own.
+        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(storage / trial_id, ignore_errors=True)
+        run_dir.mkdir(parents=True)
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+        if inputs_key(cfg) == shared["inputs_key"]:
+            prepared = _read_shared(shared)
+        else:
+            prepared = prepare(cfg, run_dir)
+            attach_reference(cfg, prepared)
+        summary = fit(cfg, run_dir, prepared, storage=str(storage), started=t0, callbacks=[TuneReportCallback()])
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    final = {"eval/" + k: v for k, v in (summary.get("eval_after") or {}).items()}
+    final.update(step=summary.get("last_step"), completed=1, reference_forwards=summary.get("reference_forwards", 0))
+    search = _build(SearchSpec, {k: v for k, v in spec.items() if k != "params"})
+    if search.has_scorers and summary.get("model_dir"):
+        from safedpo_ray.search.scoring import score_trial
+
+        final.update(score_trial(search, cfg, Path(summary["model_dir"]), run_dir, shared))
+    ray.tune.report(final)
+
+
+def max_concurrent(cfg: Config, spec: SearchSpec, local: bool) -> int:
+    """Trials that fit at once: the cluster's GPUs (or CPUs) over one trial's workers. A local
+    Ray keeps 2 logical CPUs for Ray Data and scoring, so on 2 cores trials run one at a time."""
+    import ray
+
+    if spec.max_concurrent_trials:
+        return spec.max_concurrent_trials
+    have = ray.cluster_resources()
+    if cfg.run.use_gpu:
+        return max(1, int(have.get("GPU", 0) // cfg.run.num_workers))
+    spare = have.get("CPU", 1) - (2 if local else 0)
+    return max(1, int(spare // (cfg.run.num_workers * cfg.run.cpus_per_worker)))
+
+
+def _rows(result_grid, spec: SearchSpec, base: Config) -> list[dict[str, Any]]:
+    rows = []
+    for result in result_grid:
+        metrics = dict(result.metrics or {})
+        params = {k: (result.config or {}).get(k) for k in spec.params}
+        trial = metrics.get("trial_id") or Path(result.path).name
+        cfg = None
+        try:
+            cfg = apply_params(base, {k: v for k, v in params.items() if v is not None})
+        except ConfigError:
+            pass
+        row: dict[str, Any] = {"trial": trial, **params}
+        if cfg is not None:
+            row.setdefault("train.beta", cfg.train.beta)
+            row.setdefault("train.delta", cfg.train.delta)
+        if result.error is not None:
+            row["status"] = "error"
+            message = str(result.error).strip().splitlines()
+            row["error"] = next((l for l in reversed(message) if l.strip()), type(result.error).__name__)[:300]
+        else:
+            row["status"] = "done" if metrics.get("completed") else "stopped"
+        for key, value in metrics.items():
+            if key.startswith(("eval/", "score/")) or key in ("step", "reference_forwards"):
+                row[key] = value
+        rows.append(row)
+    return sorted(rows, key=lambda r: r["trial"])
+
+
+def _tuner(spec: SearchSpec, base: Config, exp_dir: Path, shared: dict[str, Any], local: bool, restore: bool):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=base.to_dict(), exp_dir=str(exp_dir), shared=shared,
+                             spec=spec.to_dict()),
+        # The trial itself only waits on its TorchTrainer; its workers reserve the real resources.
+        {"cpu": 0.01},
+    )
+    if restore:
+        return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
+                                  resume_errored=False, restart_errored=False)
+    search_alg = None
+    if spec.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(seed=base.train.seed)
+    elif spec.search == "random":
+        search_alg = tune.search.BasicVariantGenerator(random_state=base.train.seed)
+    scheduler = FIFOScheduler()
+    if spec.scheduler == "asha":
+        scheduler = ASHAScheduler(time_attr="step", grace_period=spec.asha_grace_period,
+                                  reduction_factor=spec.asha_reduction_factor, max_t=10**9)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(spec),
+        tune_config=tune.TuneConfig(metric=spec.objective, mode=spec.mode, search_alg=search_alg,
+                                    scheduler=scheduler, num_samples=spec.num_samples,
+                                    max_concurrent_trials=max_concurrent(base, spec, local)),
+        run_config=tune.RunConfig(name=exp_dir.name, storage_path=str(exp_dir.parent),
+                                  failure_config=tune.FailureConfig(max_failures=spec.trial_retries),
+                                  verbose=0),
+    )
+
+
+def prepare_experiment(spec: SearchSpec, base: Config, resume: str | None) -> tuple[SearchSpec, Config, Path]:
+    """The experiment directory with its spec and base config saved (or, on resume, read back)."""
+    output = Path(base.run.output_dir).resolve()
+    if resume:
+        exp_dir = output / resume
+        if not (exp_dir / SPEC_FILE).exists():
+            raise SearchError(f"no experiment '{resume}' under {output} to resume (looked for {exp_dir / SPEC_FILE})")
+        tree = yaml.safe_load((exp_dir / SPEC_FILE).read_text())
+        params = tree.pop("params")
+        spec = _build(SearchSpec, tree, "tune.")
+        spec.params = params
+        base = config_from_dict(yaml.safe_load((exp_dir / BASE_FILE).read_text()))
+        return spec, base, exp_dir
+    spec.name = spec.name or time.strftime("tune-%Y%m%d-%H%M%S")
+    exp_dir = output / spec.name
+    if (exp_dir / SPEC_FILE).exists():
+        raise SearchError(f"experiment '{spec.name}' already exists in {exp_dir}: continue it with "
+                          f"--resume {spec.name}, or choose another tune.name")
+    if not base.train.cache_reference:
+        print("[safedpo] a search always shares one cached reference pass: train.cache_reference=true", flush=True)
+        base.train.cache_reference = True
+    if not base.train.eval_every:
+        base.train.eval_every = spec.report_every  # trials report held-out metrics as they train
+    check_spec(spec)
+    check_against_config(spec, base)
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    (exp_dir / SPEC_FILE).write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+    (exp_dir / BASE_FILE).write_text(dump_config(base))
+    return spec, base, exp_dir
+
+
+def run_experiment(spec: SearchSpec, base: Config, *, resume: str | None = None) -> dict[str, Any]:
+    """Run (or continue) the experiment; writes its result files and returns a summary."""
+    from safedpo_ray.ray_env import ensure_ray
+
+    t0 = time.time()
+    spec, base, exp_dir = prepare_experiment(spec, base, resume)
+    local = not (base.run.address or os.environ.get("RAY_ADDRESS"))
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # scored metrics come at the end only
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    ensure_ray(base.run)
+    shared = _prepare_shared(base, exp_dir)
+    (exp_dir / SHARED_FILE).write_text(json.dumps(shared, indent=2, default=str))
+    ref = shared["reference"]
+    print(f"[safedpo] experiment {exp_dir.name}: {ref['pairs']} pairs prepared once; reference log-probs "
+          + ("computed" if ref["computed"] else "reused from the cache")
+          + f" ({ref['compute_seconds']:.1f} s to compute) and shared by every trial", flush=True)
+    restore = bool(resume)
+    if restore:
+        from ray import tune
+
+        if not tune.Tuner.can_restore(str(exp_dir)):
+            restore = False  # interrupted before Tune saved any state: start the trials afresh
+    tuner = _tuner(spec, base, exp_dir, shared, local, restore)
+    grid = tuner.fit()
+    rows = _rows(grid, spec, base)
+    out = write_results(exp_dir, rows, spec, base)
+    trials_run = len([r for r in rows if r["status"] in ("done", "stopped")])
+    # Time the shared reference pass saved: every trial but the one that paid for it would
+    # have computed the same log-probs (a later experiment on the same inputs saves all of them).
+    saved = ref["compute_seconds"] * (trials_run - (1 if ref["computed"] else 0))
+    summary = {"experiment_dir": str(exp_dir), "rows": rows, "best": out["best"], "front": out["front"],
+               "files": out["files"], "reference": ref, "reference_seconds_saved": round(max(saved, 0.0), 1),
+               "wall_time_s": round(time.time() - t0, 1), "safety": spec.safety, "helpfulness": spec.helpfulness,
+               "safety_threshold": spec.safety_threshold, "params": list(spec.params)}
+    (exp_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    summary["table"] = table(rows, spec, out["best"])
+    return summary
+
+
+def _json_default(v: Any) -> Any:
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    return str(v)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    lines = ["", "== Search results ==", summary["table"], ""]
+    best = summary["best"]
+    if best is not None:
+        lines.append(f"best trial: {best['trial']} (most helpful with {summary['safety']} >= "
+                     f"{summary['safety_threshold']}): " + ", ".join(f"{k}={best.get(k)}" for k in summary["params"]))
+        lines.append(f"reproduce it: safedpo-ray train --config {summary['files']['best.yaml']}")
+    else:
+        lines.append(f"no trial reached {summary['safety']} >= {summary['safety_threshold']} (see results.md)")
+    lines.append(f"Pareto front (safety vs helpfulness): {', '.join(r['trial'] for r in summary['front']) or 'empty'}")
+    lines.append(f"reference log-probs: one pass for the experiment; about {summary['reference_seconds_saved']} s "
+                 "of reference passes saved")
+    lines.append(f"experiment directory: {summary['experiment_dir']} ({summary['wall_time_s']} s)")
+    return "\n".join(lines)

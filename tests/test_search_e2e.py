@@ -1,0 +1,211 @@
+"""Ray Tune experiments end to end on the tiny model, on CPU: files, the shared reference pass,
+failed trials, ASHA and resources, resume after the driver is killed."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from safedpo_ray.config import load_config
+from safedpo_ray.search.experiment import run_experiment
+from safedpo_ray.search.space import base_config, load_space
+from safedpo_ray.train.trainer import train
+
+pytestmark = pytest.mark.timeout(900)
+
+SMALL = [
+    "data.synthetic_prompts=48", "data.synthetic_eval_prompts=16", "data.max_length=96",
+    "data.max_prompt_length=40", "train.global_batch_size=8", "train.micro_batch_size=2",
+    "train.learning_rate=1e-3", "run.num_workers=2", "train.max_steps=3",
+]
+
+
+def space(tmp_path: Path, name: str, params: dict, **settings) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"name": name, "params": params, **settings}))
+    return path
+
+
+def experiment(tmp_path, name, params, *extra, **settings):
+    spec = load_space(space(tmp_path, name, params, **settings))
+    base = base_config(None, spec, SMALL + [f"run.output_dir={tmp_path}", *extra])
+    return run_experiment(spec, base)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").open()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def test_grid_writes_results_and_shares_one_reference_pass(ray_local, tmp_path):
+    s = experiment(tmp_path, "grid", {"train.delta": {"grid": [0, 5]}})
+    exp = Path(s["experiment_dir"])
+    for name in ("results.csv", "results.md", "best.yaml", "pareto.png", "delta_sensitivity.png"):
+        assert (exp / name).stat().st_size > 0, name
+    rows = list(csv.DictReader((exp / "results.csv").open()))
+    assert sorted(float(r["train.delta"]) for r in rows) == [0.0, 5.0]
+    assert all(r["status"] == "done" for r in rows)
+    assert all(r["eval/rewards/accuracies/safe_unsafe"] and r["eval/rewards/accuracies/safe_safe"] for r in rows)
+    # one reference pass for the experiment; trials ran no reference forward at all
+    assert s["reference"]["computed"] is True
+    assert [r["reference_forwards"] for r in s["rows"]] == [0, 0]
+    # best.yaml is a train config that reproduces the best trial
+    best = load_config(exp / "best.yaml")
+    assert best.train.delta == s["best"]["train.delta"] and best.train.max_steps == 3
+
+    # the shared (cached) reference gives the same losses as a live reference model
+    trial_dir = next(p for p in (exp / "trials").iterdir()
+                     if yaml.safe_load((p / "config.yaml").read_text())["train"]["delta"] == 5)
+    live = train(load_config(None, SMALL + [f"run.output_dir={tmp_path}", "run.name=live", "train.delta=5",
+                                            "train.cache_reference=false"]))
+    assert "reference" not in live
+    a, b = losses(trial_dir), losses(Path(live["run_dir"]))
+    assert sorted(a) == [1, 2, 3]
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-5), step
+
+
+
+def test_reference_pass_is_reused_on_the_same_inputs_and_recomputed_when_they_change(ray_local, tmp_path):
+    import torch
+
+    from safedpo_ray.data.reference import with_reference_logps
+    from safedpo_ray.models import load_model, load_tokenizer
+    from safedpo_ray.train.trainer import attach_reference, prepare
+
+    def prepared(name, *extra):
+        cfg = load_config(None, SMALL + [f"run.output_dir={tmp_path}", f"run.name={name}", *extra])
+        p = prepare(cfg, tmp_path / name)
+        plain = dict(p.datasets)
+        attach_reference(cfg, p)
+        return cfg, p, plain
+
+    cfg, first, plain = prepared("first")
+    assert first.reference.computed and first.reference.pairs > 0
+    columns = first.datasets["train"].columns()
+    assert "ref_chosen_logps" in columns and "ref_rejected_logps" in columns
+    _, second, _ = prepared("second")
+    assert not second.reference.computed and second.reference.key == first.reference.key
+    a = first.datasets["train"].to_pandas().sort_values("pair_id")
+    b = second.datasets["train"].to_pandas().sort_values("pair_id")
+    assert a["ref_chosen_logps"].tolist() == b["ref_chosen_logps"].tolist()
+    # a search on the same inputs reuses it too
+    again = experiment(tmp_path, "again", {"train.beta": {"grid": [0.2]}})
+    assert again["reference"]["computed"] is False and again["reference"]["key"] == first.reference.key
+    # a changed max_length computes anew
+    _, longer, _ = prepared("longer", "data.max_length=120")
+    assert longer.reference.computed and longer.reference.key != first.reference.key
+    # so does another reference model on the very same pairs
+    other = tmp_path / "other-model"
+    model = load_model(first.model_path)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(1.01)
+    model.save_pretrained(other)
+    load_tokenizer(first.model_path).save_pretrained(other)
+    _, info = with_reference_logps(plain, model_path=str(other), precision="fp32", cache_root=tmp_path / "cache",
+                                   max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
+                                   batch_size=2, num_actors=1)
+    assert info.computed and info.key != first.reference.key
+
+
+def test_failed_trial_is_reported_and_others_complete(ray_local, tmp_path):
+    # peft refuses target modules the model does not have: that trial raises in its workers
+    s = experiment(tmp_path, "fail", {"model.lora.target_modules": {"grid": [["q_proj", "v_proj"], ["no_such_layer"]]}},
+                   "model.lora.enabled=true", "model.lora.r=2", trial_retries=1, safety_threshold=0.0)
+    status = {tuple(r["model.lora.target_modules"]): r for r in s["rows"]}
+    assert status[("q_proj", "v_proj")]["status"] == "done"
+    failed = status[("no_such_layer",)]
+    assert failed["status"] == "error" and "no_such_layer" in failed["error"]
+    md = (Path(s["experiment_dir"]) / "results.md").read_text()
+    assert "## Failed trials" in md and "no_such_layer" in md
+    assert s["best"]["model.lora.target_modules"] == ["q_proj", "v_proj"]
+
+
+def test_asha_stops_a_trial_and_frees_its_resources(ray_local, tmp_path):
+    import ray
+
+    # lr 1e-9 cannot move the held-out accuracy from 0.5; lr 1e-3 does, so ASHA stops the former
+    s = experiment(tmp_path, "asha", {"train.learning_rate": {"grid": [1e-3, 1e-9]}}, "train.max_steps=8",
+                   scheduler="asha", asha_grace_period=2, asha_reduction_factor=2, report_every=2)
+    status = {r["train.learning_rate"]: r["status"] for r in s["rows"]}
+    assert status == {1e-3: "done", 1e-9: "stopped"}
+    stopped = next(r for r in s["rows"] if r["status"] == "stopped")
+    assert stopped["step"] < 8
+    deadline = time.time() + 30
+    while time.time() < deadline:  # the stopped trial's workers and placement group are given back
+        live = [pg for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]
+        if not live and ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]:
+            break
+        time.sleep(1)
+    assert not live, live
+    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
+
+
+def test_trials_score_generations_with_cost_and_reward_models(ray_local, tmp_path):
+    import math
+
+    from test_eval_score_model import TEXTS, beaver_config, write_beaver
+
+    from safedpo_ray.models import build_tiny_model, load_tokenizer
+
+    tok = load_tokenizer(build_tiny_model(tmp_path / "tok", TEXTS, seed=0, hidden_size=32, num_layers=1,
+                                          num_heads=2, intermediate_size=64, vocab_size=400))
+    cost = write_beaver(tmp_path / "cost", tok)
+    reward = write_beaver(tmp_path / "reward", tok, config=beaver_config(tok, score_type="reward"))
+    s = experiment(tmp_path, "scored", {"train.delta": {"grid": [5]}}, safety_threshold=0.0,
+                   scoring={"cost_model": str(cost), "reward_model": str(reward), "max_prompts": 3,
+                            "max_new_tokens": 4})
+    assert (s["safety"], s["helpfulness"]) == ("score/harmless_ratio", "score/mean_reward")
+    (row,) = s["rows"]
+    assert row["status"] == "done"
+    assert 0 <= row["score/harmless_ratio"] <= 1 and math.isfinite(row["score/mean_reward"])
+    assert s["best"]["trial"] == row["trial"]
+    results = json.loads((Path(s["experiment_dir"]) / "trials" / row["trial"] / "evaluation" / "results.json").read_text())
+    (model,) = results["models"].values()
+    assert model["scores"]["responses"] == 3
+    assert model["scores"]["harmless_ratio"] == row["score/harmless_ratio"]
+
+
+def _tune_cmd(tmp_path, *extra):
+    return [sys.executable, "-m", "safedpo_ray.cli", "tune", "--space",
+            str(space(tmp_path, "kill", {"train.delta": {"grid": [0, 5]}})),
+            *SMALL, f"run.output_dir={tmp_path}", *extra]
+
+
+def test_resume_after_the_driver_is_killed_runs_only_unfinished_trials(tmp_path):
+    env = {**os.environ, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "60"}
+    proc = subprocess.Popen(_tune_cmd(tmp_path), env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    trials = tmp_path / "kill" / "trials"
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not list(trials.glob("*/summary.json")):
+            assert proc.poll() is None, "the experiment ended before it could be interrupted"
+            time.sleep(0.5)
+        (first,) = list(trials.glob("*/summary.json"))
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        proc.wait()
+    finished_at = first.stat().st_mtime_ns
+    out = subprocess.run([sys.executable, "-m", "safedpo_ray.cli", "tune", "--resume", "kill",
+                          f"run.output_dir={tmp_path}"], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = list(csv.DictReader((tmp_path / "kill" / "results.csv").open()))
+    assert sorted(r["status"] for r in rows) == ["done", "done"]
+    assert first.stat().st_mtime_ns == finished_at  # the finished trial was not run again
+    assert len(list(trials.glob("*/summary.json"))) == 2
+    assert "best trial" in out.stdout
+
+
+def test_resume_of_unknown_experiment_is_a_clear_error(tmp_path):
+    from safedpo_ray.cli import main
+
+    assert main(["tune", "--resume", "nope", f"run.output_dir={tmp_path}"]) == 2
