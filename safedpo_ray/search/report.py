@@ -55,7 +55,7 @@ def write_results(exp_dir: Path, rows: list[dict[str, Any]], spec: SearchSpec, b
     elif best_yaml.exists():
         best_yaml.unlink()  # a resumed experiment whose old best no longer stands
     (exp_dir / "results.md").write_text(markdown(rows, spec, best, front, cols))
-    files.update(plots(exp_dir, rows, spec, front))
+    files.update(plots(exp_dir, rows, spec, front, best))
     return {"best": best, "front": front, "files": files}
 
 
@@ -101,7 +101,7 @@ def table(rows: list[dict[str, Any]], spec: SearchSpec, best) -> str:
     return "\n".join(out)
 
 
-def plots(exp_dir: Path, rows, spec: SearchSpec, front) -> dict[str, str]:
+def plots(exp_dir: Path, rows, spec: SearchSpec, front, best=None) -> dict[str, str]:
     try:
         import matplotlib
 
@@ -122,6 +122,9 @@ def plots(exp_dir: Path, rows, spec: SearchSpec, front) -> dict[str, str]:
                         xytext=(3, 3), textcoords="offset points")
         fs = [(r[spec.safety], r[spec.helpfulness]) for r in front]
         ax.plot([s for s, _ in fs], [h for _, h in fs], "o-", color="tab:red", label="Pareto front")
+        if best is not None:
+            ax.plot([best[spec.safety]], [best[spec.helpfulness]], "*", color="gold", markersize=18,
+                    markeredgecolor="black", label=f"best: {best['trial']}")
     ax.axvline(spec.safety_threshold, ls="--", color="tab:blue", lw=1, label=f"safety target {spec.safety_threshold}")
     ax.set_xlabel(f"safety: {spec.safety}")
     ax.set_ylabel(f"helpfulness: {spec.helpfulness}")
