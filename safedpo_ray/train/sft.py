@@ -1,0 +1,155 @@
+"""`safedpo-ray sft`: supervised fine-tuning on safe responses, the step before SafeDPO.
+
+    safedpo-ray sft                                         # synthetic data, tiny model, 2 CPU workers
+    safedpo-ray sft --config safedpo_ray/configs/chain-sft-tiny.yaml
+    safedpo-ray sft --config safedpo_ray/configs/chain-sft-pku.yaml run.address=auto   # on a cluster
+    safedpo-ray sft data.source=my_sft.jsonl sft.responses=all_safe train.epochs=2
+
+Same data sources, validation/quarantine, Ray Data pipeline, Ray Train + DeepSpeed workers
+(ZeRO 0–3, LoRA), checkpoints, `run.resume`, metrics (metrics.jsonl, console, TensorBoard,
+MLflow) and run layout as `safedpo-ray train`. Trains on the safe responses of preference data
+(`sft.responses`: helpful_safe | all_safe) or on every row of a prompt/response file; the loss
+covers response tokens only. `<run>/model` is a full Hugging Face model: pass it as
+`model.name_or_path` to `safedpo-ray train` (see safedpo_ray/configs/chain-*.yaml).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from safedpo_ray.config import Config, dump_config
+from safedpo_ray.data.pipeline import read_splits, validate_rows, write_quarantine
+from safedpo_ray.data.sft import PLAIN, SFT_COLUMNS, examples_dataset, format_sft_stats, sft_schema, validate_plain_rows
+from safedpo_ray.ray_env import ensure_ray
+from safedpo_ray.train.trainer import Prepared, _check_resources, _check_run_dir, resolve_model, run_dir_for
+
+
+def _validate(rows: list[dict[str, Any]], cfg: Config, split: str):
+    columns = set().union(*(r.keys() for r in rows if "__invalid__" not in r)) if rows else set()
+    kind = sft_schema(columns - {"row_number"}, cfg.data.schema) if rows else "pku"
+    if kind == PLAIN:
+        return kind, validate_plain_rows(rows, strict=cfg.data.strict, split=split)
+    return kind, validate_rows(rows, kind, strict=cfg.data.strict, split=split)
+
+
+def prepare_sft(cfg: Config, run_dir: Path) -> Prepared:
+    """Read and validate both splits, pick responses and tokenize (Ray Data); resolve the model."""
+    from safedpo_ray.data.pipeline import DataError
+    from safedpo_ray.data.schema import SchemaError
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    train_rows, eval_rows = read_splits(cfg.data, seed=cfg.train.seed)
+    validated = {}
+    for split, rows in (("train", train_rows), ("eval", eval_rows)):
+        try:
+            validated[split] = _validate(rows, cfg, split)
+        except SchemaError as exc:
+            raise DataError(f"{split} data: {exc}") from exc
+    quarantined = validated["train"][1].quarantined + validated["eval"][1].quarantined
+    if quarantined:
+        write_quarantine(run_dir / "quarantine.jsonl", quarantined)
+        print(f"[sft] {len(quarantined)} invalid rows quarantined to {run_dir / 'quarantine.jsonl'} "
+              f"(first: row {quarantined[0]['row_number']}: {quarantined[0]['reasons'][0]})", flush=True)
+    kind, train = validated["train"]
+    text_keys = ("prompt", "response") if kind == PLAIN else ("prompt", "response_0", "response_1")
+    # The tiny preset's tokenizer learns every text of the data (unsafe responses too), as the
+    # preference stage's would: the SFT model's vocabulary then suits the SafeDPO stage.
+    model_path = resolve_model(cfg, run_dir, [r[k] for r in train.rows for k in text_keys])
+    ensure_ray(cfg.run)
+    datasets, stats = {}, {}
+    for split, held_out in (("train", False), ("eval", True)):
+        kind, v = validated[split]
+        if not v.rows:
+            print(f"[sft] no {split} rows" + (": training without held-out metrics" if held_out else ""), flush=True)
+            continue
+        ds, s = examples_dataset(v.rows, kind=kind, responses=cfg.sft.responses, held_out=held_out,
+                                 tokenizer_path=model_path, cfg=cfg.data, trust_remote_code=cfg.model.trust_remote_code)
+        datasets[split] = ds
+        selection = "every row" if kind == PLAIN else ("every response" if held_out else cfg.sft.responses)
+        stats[split] = {"schema": kind, "selection": selection, "rows_read": v.rows_read,
+                        "rows_quarantined": len(v.quarantined), **s}
+    if "train" not in datasets:
+        raise DataError("no valid training rows for SFT")
+    (run_dir / "data_stats.json").write_text(json.dumps(stats, indent=2))
+    return Prepared(datasets=datasets, stats=stats, model_path=model_path)
+
+
+def sft(cfg: Config) -> dict[str, Any]:
+    """Run supervised fine-tuning as configured; returns the summary (also <run>/summary.json)."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from safedpo_ray.train.sft_worker import sft_loop
+
+    if not cfg.run.name:
+        cfg.run.name = time.strftime("sft-%Y%m%d-%H%M%S")
+    run_dir = run_dir_for(cfg)
+    storage = cfg.run.storage_path or str(run_dir / "ray")
+    _check_run_dir(cfg, run_dir, Path(storage))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    t0 = time.time()
+    ensure_ray(cfg.run)
+    _check_resources(cfg)
+    prepared = prepare_sft(cfg, run_dir)
+    for ds in prepared.datasets.values():
+        ds.context.enable_progress_bars = False
+    trainer = TorchTrainer(
+        sft_loop,
+        train_loop_config={"config": cfg.to_dict(), "model_path": prepared.model_path, "run_dir": str(run_dir),
+                           "has_eval": "eval" in prepared.datasets},
+        torch_config=TorchConfig(backend="nccl" if cfg.run.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
+                                     resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
+        run_config=RunConfig(name=cfg.run.name, storage_path=storage,
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+                             failure_config=FailureConfig(max_failures=cfg.run.max_failures)),
+        datasets={k: v.select_columns(SFT_COLUMNS) for k, v in prepared.datasets.items()},
+        # Every worker holds every example and takes its share by index (train/sampler.py).
+        dataset_config=DataConfig(datasets_to_split=[]),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    summary = {"run_dir": str(run_dir), "stage": "sft", "data": prepared.stats, **(result.return_value or {}),
+               "wall_time_s": round(time.time() - t0, 1)}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def format_sft_summary(summary: dict[str, Any]) -> str:
+    lines = ["", "== SFT run summary ==", format_sft_stats(summary["data"])]
+    before, after = summary.get("eval_before", {}), summary.get("eval_after")
+    if after is not None:
+        lines.append("held-out response-token NLL (per token)                  before    after")
+        for label, key in (("safe responses (the SFT targets' kind)", "loss"),
+                           ("unsafe responses (never trained on)", "loss/unsafe")):
+            if key in after:
+                lines.append(f"  {label:<48} {before.get(key, float('nan')):>8.3f} {after[key]:>8.3f}")
+        lines.append(f"model: {summary.get('model_dir')}  (use as model.name_or_path for safedpo-ray train)")
+    else:
+        lines.append(f"stopped at step {summary.get('last_step')}; continue with run.resume=true "
+                     f"run.name={Path(summary['run_dir']).name}")
+    lines.append(f"run directory: {summary['run_dir']} ({summary['wall_time_s']} s)")
+    return "\n".join(lines)
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from safedpo_ray.config import load_config
+
+    summary = sft(load_config(args.config, args.overrides))
+    print(format_sft_summary(summary))
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add the `sft` verb to an argparse subparsers object (safedpo_ray/cli.py)."""
+    help_ = "supervised fine-tuning on safe responses (Ray Train + DeepSpeed): the step before SafeDPO"
+    p = subparsers.add_parser("sft", help=help_, description=help_)
+    p.add_argument("--config", type=Path, default=None, help="YAML config file (default: built-in defaults)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. sft.responses=all_safe")
+    p.set_defaults(fn=cmd_sft)

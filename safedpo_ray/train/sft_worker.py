@@ -1,0 +1,220 @@
+"""`sft_loop`: what each Ray Train worker runs for `safedpo-ray sft` (next-token loss on responses).
+
+Same pieces as the preference worker (train/worker.py): DeepSpeedStrategy for everything DeepSpeed,
+models.py for loading/LoRA/export, PairSampler for the (seed, step) → examples order that makes
+resume exact, MetricsLog for metrics, checkpoints through ray.train.report. Receives
+{"config": Config.to_dict(), "model_path", "run_dir", "has_eval"}; datasets "train"/"eval".
+
+The loss of a step is the mean negative log-likelihood over every response token of the global
+batch (all ranks and accumulation steps), not a mean of per-micro-batch means, so the numbers do
+not depend on how the batch is split.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from safedpo_ray.config import Config, config_from_dict
+from safedpo_ray.data.sft import collate_examples
+from safedpo_ray.logprobs import sequence_logps
+from safedpo_ray.models import apply_lora, export_model, is_peft_model, load_model, load_tokenizer
+from safedpo_ray.train.metrics_log import MetricsLog
+from safedpo_ray.train.sampler import PairSampler
+from safedpo_ray.train.strategy import DeepSpeedStrategy
+
+
+def load_examples(shard) -> list[dict[str, Any]]:
+    """The whole tokenized split in memory, ordered by example_id (a fixed order for the sampler)."""
+    rows: list[dict[str, Any]] = []
+    for batch in shard.iter_batches(batch_size=1024, batch_format="numpy"):
+        for i in range(len(batch["example_id"])):
+            rows.append({"example_id": int(batch["example_id"][i]),
+                         "prompt_ids": np.asarray(batch["prompt_ids"][i]).tolist(),
+                         "response_ids": np.asarray(batch["response_ids"][i]).tolist(),
+                         "unsafe": bool(batch["unsafe"][i])})
+    rows.sort(key=lambda r: r["example_id"])
+    return rows
+
+
+def response_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence sum of −log p over response tokens, and the number of those tokens."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    logps, tokens = sequence_logps(out.logits, batch["input_ids"], batch["loss_mask"])
+    return -logps, tokens
+
+
+def build_policy(cfg: Config, model_path: str):
+    """Tokenizer and trainable model (gradient checkpointing, LoRA) as the config asks."""
+    tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    model = load_model(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.model.lora.enabled:
+        lora = cfg.model.lora
+        target = lora.target_modules[0] if lora.target_modules == ["all-linear"] else lora.target_modules
+        model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=target)
+        if cfg.model.gradient_checkpointing:
+            model.enable_input_require_grads()
+    return tokenizer, model
+
+
+class SftWorker:
+    def __init__(self, loop_config: dict[str, Any]):
+        import ray.train
+
+        self.cfg = cfg = config_from_dict(loop_config["config"])
+        self.run_dir = Path(loop_config["run_dir"])
+        self.strategy = s = DeepSpeedStrategy(cfg, on_gpu=cfg.run.use_gpu)
+        s.setup_distributed()
+        torch.manual_seed(cfg.train.seed)
+        self.tokenizer, model = build_policy(cfg, loop_config["model_path"])
+        self.pad_id = self.tokenizer.pad_token_id
+        self.train_rows = load_examples(ray.train.get_dataset_shard("train"))
+        self.eval_rows = load_examples(ray.train.get_dataset_shard("eval")) if loop_config["has_eval"] else []
+        self.sampler = PairSampler(
+            len(self.train_rows), global_batch_size=cfg.train.global_batch_size,
+            micro_batch_size=cfg.train.micro_batch_size, world_size=s.world_size, rank=s.rank, seed=cfg.train.seed,
+        )
+        steps = cfg.train.epochs * self.sampler.steps_per_epoch
+        self.total_steps = min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
+        self.engine = s.prepare(model, self.total_steps)
+
+    def collate(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.strategy.device) for k, v in collate_examples(rows, self.pad_id).items()}
+
+    def evaluate(self) -> dict[str, float]:
+        """Mean response-token NLL of the held-out safe and unsafe responses, all ranks together.
+        Every rank runs the same number of forwards (ZeRO-3 forwards are collective)."""
+        s, mb = self.strategy, self.cfg.train.micro_batch_size
+        sums = torch.zeros(2, 3, dtype=torch.float64)  # [safe, unsafe] × [nll, tokens, sequences]
+        mine = list(range(s.rank, len(self.eval_rows), s.world_size))
+        per_rank = -(-len(self.eval_rows) // s.world_size)
+        batches = -(-per_rank // mb)
+        self.engine.eval()
+        with torch.no_grad():
+            for b in range(batches):
+                idx = mine[b * mb:(b + 1) * mb]
+                batch = self.collate([self.eval_rows[i] for i in (idx or [0])])
+                nll, tokens = response_nll(self.engine, batch)
+                if idx:
+                    kind = batch["unsafe"].long().cpu()
+                    values = torch.stack([nll.double().cpu(), tokens.double().cpu(), torch.ones_like(tokens).double().cpu()], 1)
+                    sums.index_add_(0, kind, values)
+        self.engine.train()
+        sums = s.all_reduce_sum(sums)
+        out: dict[str, float] = {}
+        for row, suffix in ((0, ""), (1, "/unsafe")):
+            nll, tokens, sequences = sums[row].tolist()
+            if tokens:
+                out["loss" + suffix] = nll / tokens
+                out["perplexity" + suffix] = math.exp(min(nll / tokens, 50.0))
+                out["sequences" + suffix] = sequences
+        return out
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        s, acc = self.strategy, self.sampler.accumulation_steps
+        lr = s.current_lr()
+        micro_rows = [[self.train_rows[i] for i in self.sampler.indices(step, m)] for m in range(acc)]
+        local_tokens = sum(len(r["response_ids"]) for rows in micro_rows for r in rows)
+        global_tokens = float(s.all_reduce_sum(torch.tensor([float(local_tokens)], dtype=torch.float64))[0])
+        # DeepSpeed divides by the accumulation steps and averages over ranks; undo both so the
+        # gradient is that of (sum of token NLLs over the global batch) / (its response tokens).
+        scale = acc * s.world_size / global_tokens
+        nll_sum, seen = 0.0, 0
+        for rows in micro_rows:
+            batch = self.collate(rows)
+            nll, _ = response_nll(self.engine, batch)
+            s.backward(nll.sum() * scale)
+            s.step()
+            nll_sum += float(nll.detach().sum())
+            seen += int(batch["attention_mask"].sum())
+        totals = s.all_reduce_sum(torch.tensor([nll_sum, float(seen)], dtype=torch.float64)).tolist()
+        step_time = time.perf_counter() - t0
+        return {"loss": totals[0] / global_tokens, "response_tokens": global_tokens, "epoch": self.sampler.epoch_of(step),
+                "lr": lr, "step_time_s": step_time, "tokens_per_s": totals[1] / step_time}
+
+    def checkpoint(self, step: int, metrics: dict[str, Any], state: dict[str, Any]) -> None:
+        import ray.train
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.strategy.save(tmp, {**state, "step": step})
+            ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    def export(self) -> Path:
+        """<run>/model: a full Hugging Face model (LoRA merged in), ready as `model.name_or_path`
+        of `safedpo-ray train`; with LoRA the adapter also goes to <run>/adapter."""
+        out = self.run_dir / "model"
+        with self.strategy.full_parameters() as module:
+            if self.strategy.is_rank0:
+                if is_peft_model(module):
+                    export_model(module, self.tokenizer, self.run_dir)  # writes <run>/adapter
+                    export_model(copy.deepcopy(module).merge_and_unload(), self.tokenizer, out)
+                else:
+                    export_model(module, self.tokenizer, out)
+        self.strategy.barrier()
+        return out
+
+    def run(self) -> dict[str, Any]:
+        import ray.train
+
+        cfg, s = self.cfg, self.strategy
+        state: dict[str, Any] = {}
+        start = 0
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                state = s.load(d)
+            start = int(state.pop("step"))
+        log = None
+        if s.is_rank0:
+            log = MetricsLog(self.run_dir, total_steps=self.total_steps, tensorboard=cfg.run.tensorboard,
+                             mlflow_tracking_uri=cfg.run.mlflow_tracking_uri, run_name=self.run_dir.name)
+            print(f"[sft] {len(self.train_rows)} train examples, {len(self.eval_rows)} held-out examples, "
+                  f"{self.total_steps} steps, {s.world_size} workers, ZeRO-{cfg.train.zero_stage}"
+                  + (f", resuming at step {start}" if start else ""), flush=True)
+        if "eval_before" not in state:
+            state["eval_before"] = self.evaluate()
+            if log:
+                log.log(0, {"eval/" + k: v for k, v in state["eval_before"].items()})
+        stop = min(self.total_steps, cfg.train.stop_at_step or self.total_steps)
+        started = time.time()
+        for step in range(start, stop):
+            metrics = self.train_step(step)
+            done = step + 1
+            if log and (done % cfg.train.log_every == 0 or done == stop):
+                log.log(done, metrics)
+                print(f"[sft] step {done}/{self.total_steps} epoch {metrics['epoch']} loss {metrics['loss']:.4f} "
+                      f"lr {metrics['lr']:.2e} {metrics['tokens_per_s']:.0f} tok/s {metrics['step_time_s']:.2f} s/step "
+                      f"elapsed {time.time() - started:.0f}s", flush=True)
+            every = cfg.train.checkpoint_every
+            if (every and done % every == 0) or done == stop:
+                self.checkpoint(done, metrics, state)
+        result: dict[str, Any] = {"eval_before": state["eval_before"], "last_step": stop}
+        if stop == self.total_steps:
+            result["eval_after"] = self.evaluate()
+            result["model_dir"] = str(self.export())
+            if log:
+                log.log(stop, {"eval/" + k: v for k, v in result["eval_after"].items()})
+        else:
+            result["stopped_early"] = True
+        if log:
+            log.close()
+            (self.run_dir / "train_result.json").write_text(json.dumps(result, indent=2))
+        return result
+
+
+def sft_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return SftWorker(loop_config).run()
