@@ -1,0 +1,95 @@
+"""`safedpo-ray submit` / `jobs` without a cluster: what is checked before anything is shipped, what
+is shipped, and the messages and exit codes (safedpo_ray/jobs.py). Real jobs: tests/test_multinode.py."""
+
+from __future__ import annotations
+
+import shlex
+import time
+
+import pytest
+import yaml
+
+from safedpo_ray.cli import main as cli
+from safedpo_ray.config import ConfigError
+from safedpo_ray.jobs import DEFAULT_EXCLUDES, JobsError, build_job
+
+pytestmark = pytest.mark.timeout(120)
+UNREACHABLE = "http://127.0.0.1:9"  # discard port: nothing listens
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "run.yaml").write_text(yaml.safe_dump({"train": {"beta": 0.2}, "run": {"num_workers": 2}}))
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump({"params": {"train.delta": {"grid": [0, 10]}}}))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    return tmp_path
+
+
+def test_config_travels_inside_the_working_dir(project):
+    job = build_job(["--", "train", "--config", str(project / "configs" / "run.yaml"), "train.delta=5",
+                     "run.storage_path=s3://b/runs?region=us-east-1"],
+                    working_dir=project, env={"HF_TOKEN": "x"})
+    argv = shlex.split(job["entrypoint"])
+    assert argv == ["safedpo-ray", "train", "--config", "configs/run.yaml", "train.delta=5",
+                    "run.storage_path=s3://b/runs?region=us-east-1"]
+    env = job["runtime_env"]
+    assert env["working_dir"] == str(project) and env["env_vars"] == {"HF_TOKEN": "x"}
+    for heavy in (".git", ".venv", "runs"):
+        assert heavy in env["excludes"] and heavy in DEFAULT_EXCLUDES
+    job = build_job(["train", "--config=configs/run.yaml"], working_dir=project)
+    assert shlex.split(job["entrypoint"])[2] == "--config=configs/run.yaml"
+
+
+def test_every_submittable_verb_is_checked_here(project):
+    build_job(["evaluate", "--model", "s3://b/runs/r1/model", "--data", "synthetic"], working_dir=project)
+    build_job(["train-scorer", "--kind", "cost"], working_dir=project)
+    build_job(["verify", "train.max_steps=5"], working_dir=project)
+    job = build_job(["tune", "--space", "space.yaml", "--config", "configs/run.yaml"], working_dir=project)
+    assert "--space space.yaml" in job["entrypoint"]
+    with pytest.raises(ConfigError):
+        build_job(["evaluate", "generation.num_actors=0"], working_dir=project)
+    with pytest.raises(ConfigError):
+        build_job(["tune", "--config", "configs/run.yaml", "train.bogus=1"], working_dir=project)
+
+
+@pytest.mark.parametrize("argv, code, message", [
+    (["--", "train", "train.beta=-1"], 2, "config error: 'train.beta' must be > 0"),
+    (["--", "train", "--config", "missing.yaml"], 2, "--config missing.yaml: no such file"),
+    (["--", "train", "--bogus"], 2, "is invalid (see above); nothing was submitted"),
+    (["--", "prepare"], 2, "cannot submit 'prepare': submit runs one of train, tune, evaluate"),
+    (["--"], 2, "nothing to submit"),
+    (["--env", "SAFEDPO_SURELY_UNSET", "--", "train"], 2, "--env SAFEDPO_SURELY_UNSET: not set here"),
+])
+def test_bad_jobs_stop_before_the_cluster_is_contacted(project, capsys, argv, code, message):
+    started = time.time()
+    assert cli(["submit", "--address", UNREACHABLE, *argv]) == code
+    err = capsys.readouterr().err
+    assert message in err and "cannot reach" not in err
+    assert time.time() - started < 3  # no connection attempt (that one takes seconds)
+
+
+def test_config_outside_the_shipped_dir(project, tmp_path_factory, capsys):
+    elsewhere = tmp_path_factory.mktemp("elsewhere") / "x.yaml"
+    elsewhere.write_text("train: {beta: 0.1}\n")
+    assert cli(["submit", "--address", UNREACHABLE, "--", "train", "--config", str(elsewhere)]) == 2
+    assert "outside the directory shipped with the job" in capsys.readouterr().err
+    assert cli(["submit", "--address", UNREACHABLE, "--working-dir", str(elsewhere.parent), "--", "train",
+                "--config", str(elsewhere)]) == 3  # shippable now; the cluster is what is missing
+
+
+def test_unreachable_cluster_and_missing_address(project, capsys):
+    assert cli(["submit", "--address", UNREACHABLE, "--", "train"]) == 3
+    err = capsys.readouterr().err
+    assert f"cannot reach the Ray job server at {UNREACHABLE}" in err and "port-forward" in err
+    for argv in (["jobs", "list"], ["jobs", "status", "raysubmit_x"], ["jobs", "logs", "raysubmit_x", "--follow"],
+                 ["jobs", "stop", "raysubmit_x"]):
+        assert cli([*argv, "--address", "127.0.0.1:9"]) == 3, argv  # host:port means http://host:port
+        assert "cannot reach the Ray job server at http://127.0.0.1:9" in capsys.readouterr().err
+    assert cli(["submit", "--", "train"]) == 2
+    assert "no cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS" in capsys.readouterr().err
+
+
+def test_jobs_error_carries_its_exit_code():
+    assert JobsError("x").exit_code == 2 and JobsError("x", exit_code=3).exit_code == 3
