@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from safedpo_ray.logprobs import sequence_logps
-from safedpo_ray.loss import safedpo_loss
+from safedpo_ray.loss import preference_loss, uses_reference
 
 PAIR_TYPES = ("safe_safe", "safe_unsafe", "unsafe_safe", "unsafe_unsafe")
 METRICS = (
@@ -25,12 +25,18 @@ METRICS = (
 )
 
 
+def concatenated_logps_and_lengths(model: Callable, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Chosen and rejected sequence log-probs and response token counts, one forward over [2B, L]."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    logps, lengths = sequence_logps(out.logits, batch["input_ids"], batch["loss_mask"])
+    half = logps.shape[0] // 2
+    return logps[:half], logps[half:], lengths[:half], lengths[half:]
+
+
 def concatenated_logps(model: Callable, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Chosen and rejected sequence log-probs from one forward over the [2B, L] batch."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    logps, _ = sequence_logps(out.logits, batch["input_ids"], batch["loss_mask"])
-    half = logps.shape[0] // 2
-    return logps[:half], logps[half:]
+    chosen, rejected, _, _ = concatenated_logps_and_lengths(model, batch)
+    return chosen, rejected
 
 
 def pair_type_index(chosen_unsafe: torch.Tensor, rejected_unsafe: torch.Tensor) -> torch.Tensor:
@@ -44,14 +50,26 @@ def safedpo_forward(
     batch: dict[str, torch.Tensor],
     beta: float,
     delta: float,
+    *,
+    loss: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Mean loss over the batch (for backward) and per-example values (for metrics)."""
-    with torch.no_grad():
-        ref_chosen, ref_rejected = reference_logps(batch)
-    chosen, rejected = concatenated_logps(policy, batch)
-    losses, chosen_rewards, rejected_rewards = safedpo_loss(
-        chosen, rejected, ref_chosen, ref_rejected,
-        batch["chosen_unsafe"], batch["rejected_unsafe"], beta, delta,
+    """Mean loss over the batch (for backward) and per-example values (for metrics).
+
+    `loss` names a function of safedpo_ray.loss.LOSSES; a reference-free one (SimPO) never calls
+    `reference_logps`, which may then be None."""
+    ref_chosen = ref_rejected = None
+    if uses_reference(loss):
+        with torch.no_grad():
+            ref_chosen, ref_rejected = reference_logps(batch)
+    chosen, rejected, chosen_lengths, rejected_lengths = concatenated_logps_and_lengths(policy, batch)
+    losses, chosen_rewards, rejected_rewards = preference_loss(
+        loss, policy_chosen_logps=chosen, policy_rejected_logps=rejected,
+        ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected,
+        chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+        chosen_unsafe=batch["chosen_unsafe"], rejected_unsafe=batch["rejected_unsafe"],
+        beta=beta, delta=delta, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma,
     )
     per_example = {
         "loss": losses.detach(),
@@ -63,6 +81,11 @@ def safedpo_forward(
         "logps/rejected": rejected.detach(),
     }
     return losses.mean(), per_example
+
+
+def loss_options(train) -> dict:
+    """The keyword arguments of `safedpo_forward` that `train.*` (a TrainConfig) selects."""
+    return {"loss": train.loss, "label_smoothing": train.label_smoothing, "simpo_gamma": train.simpo_gamma}
 
 
 def tie_aware_accuracy(per_example: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -2,11 +2,14 @@
 
     safedpo-ray train                               # built-in default: synthetic data, tiny model, 2 workers, ZeRO-2
     safedpo-ray train --config my.yaml train.delta=5 run.num_workers=8 run.use_gpu=true
+    safedpo-ray sft --config my.yaml                # supervised fine-tuning on safe responses (before train)
     safedpo-ray prepare --config my.yaml            # data pipeline only: prepared pairs + statistics
     safedpo-ray config [--config my.yaml] [k=v ...] # print the resolved configuration
     safedpo-ray evaluate --model runs/NAME ...      # implicit rewards, generation, scoring, XSTest
     safedpo-ray train-scorer ...                    # cost / reward models for evaluation
     safedpo-ray verify | delta-study                # check training against SafeDPO's closed-form optimum
+    safedpo-ray submit -- train --config my.yaml    # the same as a job on a Ray cluster (safedpo_ray/jobs.py)
+    safedpo-ray jobs list | status ID | logs ID [--follow] | stop ID
 """
 
 from __future__ import annotations
@@ -67,8 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     from safedpo_ray.evaluate.commands import register as register_evaluate
     from safedpo_ray.verify.commands import register as register_verify
 
+    from safedpo_ray.train.sft import register as register_sft
+
+    register_sft(sub)
     register_evaluate(sub)
+    from safedpo_ray.search.commands import register as register_tune
+
+    register_tune(sub)
     register_verify(sub)
+    __import__("safedpo_ray.jobs", fromlist=["register"]).register(sub)  # submit, jobs (Ray Jobs API)
     return parser
 
 
@@ -79,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         kind = "config error: " if isinstance(exc, ConfigError) else ""
         print(f"safedpo-ray: {kind}{exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)  # jobs: 1 failed, 3 unreachable, 4 no such job
 
 
 if __name__ == "__main__":

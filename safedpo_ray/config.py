@@ -93,6 +93,13 @@ class TrainConfig:
     """β: strength of the KL tie to the reference policy."""
     delta: float = 10.0
     """Δ ≥ 0: extra margin demanded between a safe winner and an unsafe loser (0 = DPO on T(D))."""
+    loss: str = "sigmoid"
+    """Preference loss on T(D), Δ as its margin: 'sigmoid' (SafeDPO/DPO), 'ipo', 'robust' (rDPO),
+    'hinge' (SLiC) or 'simpo' (reference-free: no reference model at all). See safedpo_ray/loss.py."""
+    label_smoothing: float = 0.0
+    """ε in [0, 0.5): assumed label-flip rate of the 'robust' loss (0 = the sigmoid loss)."""
+    simpo_gamma: float = 0.5
+    """γ ≥ 0: SimPO's target reward margin (loss 'simpo' only)."""
     learning_rate: float = 5e-4
     """Peak learning rate (AdamW)."""
     weight_decay: float = 0.0
@@ -116,8 +123,12 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     """Learning rate at the end of the cosine decay, as a fraction of the peak."""
     cache_reference: bool = True
-    """Compute reference log-probs once before training and free the frozen reference copy
-    (one reference forward per pair instead of one per pair per epoch)."""
+    """Compute reference log-probs once (a Ray actor pool before training) and keep them under
+    <output_dir>/.cache/reference, keyed by model, precision and tokenized pairs: later runs on the
+    same inputs reuse them, and workers hold no reference model. False: a live reference every step."""
+    eval_every: int = 0
+    """Held-out implicit-reward metrics every N optimizer steps, also reported to Tune (0: only
+    before and after training)."""
     seed: int = 42
     """Seed for the data order and any random init."""
     log_every: int = 1
@@ -128,6 +139,10 @@ class TrainConfig:
     """How many checkpoints Ray Train keeps."""
     stop_at_step: int | None = None
     """End the run after this step (checkpointed), as if interrupted; `run.resume=true` continues it."""
+    record_pairs: bool = False
+    """Debug: rank 0 writes the pair_ids of every optimizer step (all ranks) to <run>/pairs.jsonl."""
+    step_delay_s: float = 0.0
+    """Debug: pause this long after every optimizer step (fault-injection tests: lose a node between checkpoints)."""
 
 
 @dataclass
@@ -135,9 +150,11 @@ class RunConfig:
     name: str | None = None
     """Run name; its directory is output_dir/name (default: a timestamped name)."""
     output_dir: str = "runs"
-    """Where runs live: prepared data, metrics.jsonl, the exported model. Shared storage on multi-node clusters."""
+    """Where runs live when storage_path is unset (<output_dir>/<name>), and the driver's local caches."""
     storage_path: str | None = None
-    """Ray Train storage for checkpoints (local path, NFS or s3://); default: <run dir>/ray."""
+    """Root of every output of a run (<storage_path>/<name>: checkpoints, metrics, summary.json, the model):
+    a filesystem all nodes mount or an object store (s3://, gs://, abfs://; options in the URI query).
+    Required on a cluster of several nodes. Unset: <output_dir>/<name>, checkpoints under its ray/."""
     resume: bool = False
     """Continue the named run from its last checkpoint."""
     num_workers: int = 2
@@ -152,6 +169,11 @@ class RunConfig:
     """Logical CPUs for a local Ray (default: enough for the workers plus Ray Data tasks)."""
     max_failures: int = 0
     """Worker-group restarts Ray Train may attempt (each resumes from the last checkpoint)."""
+    node_wait_timeout_s: float | None = None
+    """How long the workers may wait for the nodes they need (at the start, and after a lost node)
+    before the run fails with a message (None: $RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, else 120 s)."""
+    worker_resources: dict[str, float] = field(default_factory=dict)
+    """Extra Ray resources each worker reserves, e.g. {accelerator_type:H100: 0.001} or a custom node resource."""
     tensorboard: bool = False
     """Also write TensorBoard event files into the run directory."""
     mlflow_tracking_uri: str | None = None
@@ -161,11 +183,20 @@ class RunConfig:
 
 
 @dataclass
+class SftConfig:
+    responses: str = "helpful_safe"
+    """`safedpo-ray sft` on preference data: 'helpful_safe' (each pair's helpful winner, when it is
+    safe) or 'all_safe' (every safe response). Prompt/response files train on every row."""
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
+    """Supervised fine-tuning (`safedpo-ray sft`); it also reads data.*, model.*, train.* and run.*."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -194,6 +225,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"'{key}' must be a list, got {value!r}")
         return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{key}' must be a mapping (e.g. {{name: 1}}), got {value!r}")
+        return {_convert(k, key_tp, key): _convert(v, value_tp, f"{key}.{k}") for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -296,6 +332,8 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"'train.beta' must be > 0, got {t.beta}")
     if t.delta < 0:
         raise ConfigError(f"'train.delta' must be >= 0, got {t.delta}")
+    _check_loss(cfg)
+    _check_sft(cfg)
     if t.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"'train.zero_stage' must be 0, 1, 2 or 3, got {t.zero_stage}")
     if t.precision not in ("fp32", "bf16"):
@@ -318,12 +356,59 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"'train.max_steps' must be >= 1, got {t.max_steps}")
     if t.stop_at_step is not None and t.stop_at_step < 1:
         raise ConfigError(f"'train.stop_at_step' must be >= 1, got {t.stop_at_step}")
+    if t.eval_every < 0:
+        raise ConfigError(f"'train.eval_every' must be >= 0, got {t.eval_every}")
     if t.checkpoint_every < 0 or t.keep_checkpoints < 1:
         raise ConfigError("'train.checkpoint_every' must be >= 0 and 'train.keep_checkpoints' >= 1")
     if r.resume and not r.name:
         raise ConfigError("'run.resume' needs 'run.name' (the run to continue)")
+    _check_cluster_keys(r)
+    if t.step_delay_s < 0:
+        raise ConfigError(f"'train.step_delay_s' must be >= 0, got {t.step_delay_s}")
     if cfg.model.lora.enabled and cfg.model.lora.r < 1:
         raise ConfigError(f"'model.lora.r' must be >= 1, got {cfg.model.lora.r}")
+
+
+def _check_loss(cfg: Config) -> None:
+    from safedpo_ray.loss import LOSSES
+
+    t = cfg.train
+    if t.loss not in LOSSES:
+        raise ConfigError(f"'train.loss' must be one of {', '.join(LOSSES)}, got '{t.loss}'")
+    if not 0 <= t.label_smoothing < 0.5:
+        raise ConfigError(f"'train.label_smoothing' must be in [0, 0.5), got {t.label_smoothing}")
+    if t.label_smoothing > 0 and t.loss != "robust":
+        raise ConfigError(f"'train.label_smoothing' is used by train.loss=robust only (train.loss is '{t.loss}')")
+    if t.simpo_gamma < 0:
+        raise ConfigError(f"'train.simpo_gamma' must be >= 0, got {t.simpo_gamma}")
+
+
+def _check_sft(cfg: Config) -> None:
+    from safedpo_ray.data.sft import RESPONSES
+
+    if cfg.sft.responses not in RESPONSES:
+        raise ConfigError(f"'sft.responses' must be one of {', '.join(RESPONSES)}, got '{cfg.sft.responses}'")
+
+
+def _check_cluster_keys(r: RunConfig) -> None:
+    """run.storage_path, run.node_wait_timeout_s, run.worker_resources (cluster runs)."""
+    from safedpo_ray.storage import SCHEMES, scheme_of
+
+    if r.storage_path is not None:
+        if not r.storage_path.strip():
+            raise ConfigError("'run.storage_path' is empty: unset it or give a path or URI")
+        scheme = scheme_of(r.storage_path)
+        if scheme and scheme not in SCHEMES:
+            raise ConfigError(f"'run.storage_path': unsupported scheme '{scheme}://' (supported: "
+                              f"{', '.join(s + '://' for s in SCHEMES)}, or a filesystem path)")
+    if r.node_wait_timeout_s is not None and r.node_wait_timeout_s <= 0:
+        raise ConfigError(f"'run.node_wait_timeout_s' must be > 0 seconds, got {r.node_wait_timeout_s}")
+    for name, amount in r.worker_resources.items():
+        if name in ("CPU", "GPU", "memory"):
+            raise ConfigError(f"'run.worker_resources.{name}': set CPUs with run.cpus_per_worker and GPUs "
+                              "with run.use_gpu")
+        if amount < 0:
+            raise ConfigError(f"'run.worker_resources.{name}' must be >= 0, got {amount}")
 
 
 def dump_config(cfg: Config) -> str:

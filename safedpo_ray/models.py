@@ -140,10 +140,12 @@ def load_tokenizer(name_or_path, *, gguf_file: str | None = None, trust_remote_c
     """AutoTokenizer with a pad token (falls back to EOS) and right padding."""
     from transformers import AutoTokenizer
 
+    from safedpo_ray.storage import localize
+
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(localize(name_or_path), **kwargs)  # s3://... fetched once per node
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
@@ -167,11 +169,13 @@ def load_model(
     """AutoModelForCausalLM for a hub id or local dir; a GGUF file is dequantized into a plain model."""
     from transformers import AutoModelForCausalLM
 
+    from safedpo_ray.storage import localize
+
     torch_dtype = resolve_dtype(dtype)
     if not gguf_file:
         return AutoModelForCausalLM.from_pretrained(
-            str(name_or_path), dtype=torch_dtype, trust_remote_code=trust_remote_code
-        )
+            localize(name_or_path), dtype=torch_dtype, trust_remote_code=trust_remote_code
+        )  # a storage URI (s3://, gs://) is fetched once per node
 
     kwargs: dict[str, Any] = {}
     try:  # ask for dense weights rather than packed GGUF blocks where the quantizer supports it

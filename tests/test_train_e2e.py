@@ -37,9 +37,10 @@ def test_zero2_trains_exports_and_logs(ray_local, tmp_path):
     s = run(tmp_path, "z2", "train.zero_stage=2", "train.precision=bf16", "train.max_steps=12",
             "run.tensorboard=true")
     before, after = s["eval_before"], s["eval_after"]
-    # policy == reference at the start, bit for bit (a bf16 reference cast differently drifts)
+    # policy == reference at the start, bit for bit: the cached reference pass uses the workers'
+    # evaluation batches (a bf16 reference cast differently, or other batch shapes, drift)
     assert before["rewards/margins"] == 0.0
-    assert before["rewards/accuracies/safe_unsafe"] == 0.5
+    assert before["rewards/accuracies/safe_unsafe"] == 0.5 and before["rewards/accuracies/safe_safe"] == 0.5
     assert after["rewards/accuracies/safe_unsafe"] > 0.7
     assert after["rewards/margins/safe_unsafe"] > 0
     records = [json.loads(l) for l in (Path(s["run_dir"]) / "metrics.jsonl").open()]

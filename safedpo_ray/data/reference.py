@@ -1,4 +1,4 @@
-"""Reference log-probs, computed once by a Ray Data actor pool and kept on disk for reuse.
+"""Reference log-probs, computed once by a pool of Ray actors and kept on disk for reuse.
 
 β and Δ change neither the reference model nor the pairs, so a `train` run, every trial of a
 `tune` experiment and any later run on the same inputs share one reference pass. The pass writes
@@ -85,8 +85,8 @@ def reference_key(model_fp: str, *, precision: str, splits: dict[str, str], max_
 
 
 class ReferenceLogps:
-    """Ray Data callable class: loads the reference model once per actor and adds the reference
-    log-probs of each batch. Cast like the training workers' reference: parameters only."""
+    """An actor: loads the reference model once and adds the reference log-probs of each batch it
+    is given. Cast like the training workers' reference: parameters only."""
 
     def __init__(self, model_path: str, precision: str, trust_remote_code: bool, use_gpu: bool):
         import torch
@@ -100,7 +100,7 @@ class ReferenceLogps:
             p.data = p.data.to(dtype)
         self.pad_id = load_tokenizer(model_path, trust_remote_code=trust_remote_code).pad_token_id
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def logps(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
         from safedpo_ray.algorithm import concatenated_logps
@@ -142,11 +142,35 @@ class ReferencePass:
                 f"(computing them took {self.compute_seconds:.1f} s; {self.path})")
 
 
+def worker_batches(n: int, world_size: int, micro_batch_size: int) -> list[list[int]]:
+    """Positions (in pair_id order) of the micro-batches the training workers evaluate with:
+    rank r takes r, r+W, r+2W, ... in micro-batches (worker.Worker.rank_batches). Computing the
+    reference on the same batches gives the same padded shapes, hence bit-identical log-probs, so an
+    untrained policy's held-out margins are exactly 0 (bf16 kernels round differently otherwise)."""
+    batches = []
+    for rank in range(world_size):
+        mine = list(range(rank, n, world_size))
+        batches += [mine[b:b + micro_batch_size] for b in range(0, len(mine), micro_batch_size)]
+    return batches
+
+
+def _reference_pass(frame, *, actors, batches) -> pa.Table:
+    """Reference log-probs of a split (a pandas frame sorted by pair_id), one batch per call,
+    spread over an actor pool."""
+    from ray.util import ActorPool
+
+    jobs = [{k: frame[k].to_numpy()[idx] for k in ID_COLUMNS} for idx in batches]
+    results = list(ActorPool(actors).map(lambda actor, job: actor.logps.remote(job), jobs))
+    tables = [pa.table({k: list(v) if v.dtype == object else v for k, v in r.items()}) for r in results]
+    return pa.concat_tables(tables).sort_by("pair_id")
+
+
 def with_reference_logps(datasets: dict[str, Any], *, model_path: str, precision: str, cache_root: Path,
                          max_length: int, max_prompt_length: int, batch_size: int, num_actors: int,
-                         cpus_per_actor: float = 1.0, use_gpu: bool = False,
+                         cpus_per_actor: float = 1.0, use_gpu: bool = False, world_size: int = 1,
                          trust_remote_code: bool = False) -> tuple[dict[str, Any], ReferencePass]:
-    """The tokenized splits with reference log-prob columns, from the cache or from one pass."""
+    """The tokenized splits with reference log-prob columns, from the cache or from one pass of
+    `num_actors` actors over the micro-batches `world_size` training workers would form."""
     import ray
 
     t0 = time.perf_counter()
@@ -160,17 +184,19 @@ def with_reference_logps(datasets: dict[str, Any], *, model_path: str, precision
         tmp = root.with_name(f"{key}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         pairs = 0
-        for split, ds in datasets.items():
-            out = ds.select_columns(list(ID_COLUMNS)).map_batches(
-                ReferenceLogps, batch_size=batch_size, batch_format="numpy", concurrency=num_actors,
-                num_cpus=cpus_per_actor, num_gpus=1 if use_gpu else 0,
-                fn_constructor_kwargs={"model_path": model_path, "precision": precision,
-                                       "trust_remote_code": trust_remote_code, "use_gpu": use_gpu},
-            ).materialize()
-            table = pa.concat_tables(ray.get(out.to_arrow_refs()))
-            (tmp / split).mkdir(parents=True)
-            pq.write_table(table, tmp / split / "pairs.parquet")
-            pairs += table.num_rows
+        actor_cls = ray.remote(num_cpus=cpus_per_actor, num_gpus=1 if use_gpu else 0)(ReferenceLogps)
+        actors = [actor_cls.remote(model_path, precision, trust_remote_code, use_gpu) for _ in range(num_actors)]
+        try:
+            for split, ds in datasets.items():
+                frame = ds.select_columns(list(ID_COLUMNS)).to_pandas().sort_values("pair_id").reset_index(drop=True)
+                table = _reference_pass(frame, actors=actors,
+                                        batches=worker_batches(len(frame), world_size, batch_size))
+                (tmp / split).mkdir(parents=True)
+                pq.write_table(table, tmp / split / "pairs.parquet")
+                pairs += table.num_rows
+        finally:
+            for actor in actors:
+                ray.kill(actor)
         compute_seconds = time.perf_counter() - t0
         (tmp / _COMPLETE).write_text(json.dumps({"pairs": pairs, "compute_seconds": compute_seconds,
                                                   "model": model_path, "precision": precision,

@@ -417,7 +417,13 @@ class Evaluation:
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Run every configured part; results.json/results.md/tradeoff.png land in output.dir/name."""
-    return Evaluation(cfg).run()
+    from safedpo_ray.storage import staged_output_dir
+
+    with staged_output_dir(cfg.output) as remote:  # output.dir=s3://...: staged here, uploaded after
+        results = Evaluation(cfg).run()
+    if remote:
+        results["out_dir"] = remote
+    return results
 
 
 def format_results(results: dict[str, Any]) -> str:

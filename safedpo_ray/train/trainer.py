@@ -22,9 +22,13 @@ from safedpo_ray.data.pipeline import (
     validate_rows,
     write_quarantine,
 )
+from safedpo_ray.data.reference import REF_COLUMNS, ReferencePass, with_reference_logps
 from safedpo_ray.errors import UserError
+from safedpo_ray.loss import uses_reference
 from safedpo_ray.models import TINY_PRESET, build_tiny_model, convert_gguf
 from safedpo_ray.ray_env import ensure_ray
+from safedpo_ray import storage as run_storage
+from safedpo_ray.train import faults
 
 
 class RunError(UserError):
@@ -36,17 +40,42 @@ class Prepared:
     datasets: dict[str, Any]  # "train" / "eval" → materialized Ray Datasets
     stats: dict[str, Any]
     model_path: str
+    reference: ReferencePass | None = None  # set when the datasets carry reference log-probs
+
+
+def reference_cache_root(cfg: Config) -> Path:
+    return Path(cfg.run.output_dir).resolve() / ".cache" / "reference"
+
+
+def attach_reference(cfg: Config, prepared: Prepared) -> None:
+    """Give the prepared pairs their reference log-probs (cached, or one actor-pool pass)."""
+    if not cfg.train.cache_reference:
+        return
+    if not uses_reference(cfg.train.loss):  # SimPO: no reference pass at all
+        print(f"[safedpo] train.loss={cfg.train.loss} is reference-free: no reference model", flush=True)
+        return
+    workers = cfg.run.num_workers
+    prepared.datasets, prepared.reference = with_reference_logps(
+        prepared.datasets, model_path=prepared.model_path, precision=cfg.train.precision,
+        cache_root=reference_cache_root(cfg), max_length=cfg.data.max_length,
+        max_prompt_length=cfg.data.max_prompt_length, batch_size=cfg.train.micro_batch_size,
+        num_actors=workers, cpus_per_actor=cfg.run.cpus_per_worker, use_gpu=cfg.run.use_gpu,
+        world_size=workers, trust_remote_code=cfg.model.trust_remote_code,
+    )
+    print(f"[safedpo] {prepared.reference.describe()}", flush=True)
 
 
 def run_dir_for(cfg: Config) -> Path:
     if not cfg.run.name:
         cfg.run.name = time.strftime("safedpo-%Y%m%d-%H%M%S")
-    return (Path(cfg.run.output_dir) / cfg.run.name).resolve()
+    # <output_dir>/<name>, or <storage_path>/<name> (a local staging copy for object stores)
+    return run_storage.local_run_dir(cfg.run, cfg.run.name)
 
 
 def resolve_model(cfg: Config, run_dir: Path, texts: list[str]) -> str:
     """A path or hub id every worker can load: the tiny preset is built (tokenizer trained on the
-    training texts), a GGUF file is converted once to safetensors; others pass through."""
+    training texts), a GGUF file is converted once to safetensors, a local directory becomes
+    absolute (Ray workers do not start in the driver's directory); hub ids pass through."""
     m = cfg.model
     if m.name_or_path == TINY_PRESET:
         return str(build_tiny_model(run_dir / "init-model", texts, seed=cfg.train.seed))
@@ -56,6 +85,8 @@ def resolve_model(cfg: Config, run_dir: Path, texts: list[str]) -> str:
         key = hashlib.sha256(f"{Path(model_dir).resolve()}/{name}".encode()).hexdigest()[:12]
         cache = Path(cfg.run.output_dir).resolve() / ".cache" / f"gguf-{key}"
         return str(convert_gguf(model_dir, name, cache))
+    if Path(m.name_or_path).is_dir():  # a local dir, e.g. an SFT run's model: workers start elsewhere
+        return str(Path(m.name_or_path).resolve())
     return m.name_or_path
 
 
@@ -91,8 +122,8 @@ def prepare(cfg: Config, run_dir: Path) -> Prepared:
     return Prepared(datasets=datasets, stats=stats, model_path=model_path)
 
 
-def _check_run_dir(cfg: Config, run_dir: Path, storage: Path) -> None:
-    existing = (storage / cfg.run.name).exists() if "://" not in str(storage) else False
+def _check_run_dir(cfg: Config, run_dir: Path, storage: str) -> None:
+    existing = run_storage.exists(run_storage.join(str(storage), cfg.run.name))
     if cfg.run.resume and not existing and not run_dir.exists():
         raise RunError(f"run.resume=true but run '{cfg.run.name}' does not exist under {run_dir.parent}")
     if not cfg.run.resume and (existing or (run_dir / "metrics.jsonl").exists()):
@@ -122,48 +153,71 @@ def _check_resources(cfg: Config) -> None:
 
 def train(cfg: Config) -> dict[str, Any]:
     """Run SafeDPO training as configured; returns the summary (also written to summary.json)."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from safedpo_ray.train.worker import train_loop
-
     run_dir = run_dir_for(cfg)
     storage = cfg.run.storage_path or str(run_dir / "ray")
-    _check_run_dir(cfg, run_dir, Path(storage))
+    _check_run_dir(cfg, run_dir, storage)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     t0 = time.time()
     ensure_ray(cfg.run)
     _check_resources(cfg)
+    run_storage.check_cluster_storage(cfg.run)  # several nodes: outputs need shared storage
     prepared = prepare(cfg, run_dir)
+    root = run_storage.run_root(cfg.run, cfg.run.name)
+    prepared.model_path = run_storage.publish_driver_files(root, run_dir, prepared.model_path)
+    attach_reference(cfg, prepared)
+    return fit(cfg, run_dir, prepared, storage=storage, started=t0, root=root)
+
+
+def fit(cfg: Config, run_dir: Path, prepared: Prepared, *, storage: str, started: float,
+        callbacks: list | None = None, root: str | None = None) -> dict[str, Any]:
+    """Train on prepared pairs with a Ray Train `TorchTrainer`; returns the summary (also written
+    to <run_dir>/summary.json). `callbacks` go to Ray Train (a search passes Tune's reporter)."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from safedpo_ray.train.worker import train_loop
+
     for ds in prepared.datasets.values():
         # Materialized already; the workers' reads of it need no progress bars (they were noise).
         ds.context.enable_progress_bars = False
+    reference_cached = prepared.reference is not None
+    datasets = {k: v.select_columns(TRAIN_COLUMNS + (list(REF_COLUMNS) if reference_cached else []))
+                for k, v in prepared.datasets.items()}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": cfg.to_dict(), "model_path": prepared.model_path, "run_dir": str(run_dir),
-                           "has_eval": "eval" in prepared.datasets},
+                           "has_eval": "eval" in prepared.datasets, "reference_cached": reference_cached,
+                           "storage_root": root or str(run_dir)},  # where rank 0's outputs go
         torch_config=TorchConfig(backend="nccl" if cfg.run.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
-            resources_per_worker={"CPU": cfg.run.cpus_per_worker},
+            resources_per_worker={"CPU": cfg.run.cpus_per_worker, **cfg.run.worker_resources},
         ),
         run_config=RunConfig(
             name=cfg.run.name, storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            failure_config=faults.failure_config(cfg),  # max_failures, and a bounded wait for nodes
+            callbacks=callbacks,
         ),
-        datasets={k: v.select_columns(TRAIN_COLUMNS) for k, v in prepared.datasets.items()},
+        datasets=datasets,
         # Every worker gets every pair and picks its own by index (see train/sampler.py): exact
         # resume and batch invariance need a fixed order, which streaming splits do not give.
         dataset_config=DataConfig(datasets_to_split=[]),
     )
-    result = trainer.fit()
+    result = faults.fit(trainer, cfg)  # trainer.fit(), with a clear message when nodes did not come back
     if result.error:
-        raise result.error
-    summary = {"run_dir": str(run_dir), "data": prepared.stats, **(result.return_value or {}),
-               "wall_time_s": round(time.time() - t0, 1)}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        raise faults.explain(cfg, result.error)
+    root = root or str(run_dir)
+    # Rank 0's result as written to the run storage (it may have run on another node).
+    summary = {"run_dir": root, "data": prepared.stats, **run_storage.collect_result(root, result.return_value),
+               "wall_time_s": round(time.time() - started, 1)}
+    summary["driver_node_id"] = run_storage.current_node_id()  # rank 0's is summary["worker_nodes"][0]
+    if prepared.reference is not None:
+        r = prepared.reference
+        summary["reference"] = {"key": r.key, "computed": r.computed, "pairs": r.pairs,
+                                "seconds": round(r.seconds, 2), "compute_seconds": round(r.compute_seconds, 2)}
+    run_storage.save_json(root, run_dir, "summary.json", summary)
     return summary
 
 
@@ -185,6 +239,6 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"model: {summary.get('model_dir')}")
     else:
         lines.append(f"stopped at step {summary.get('last_step')}; continue with run.resume=true "
-                     f"run.name={Path(summary['run_dir']).name}")
+                     f"run.name={Path(summary['run_dir'].split('?')[0]).name}")
     lines.append(f"run directory: {summary['run_dir']} ({summary['wall_time_s']} s)")
     return "\n".join(lines)

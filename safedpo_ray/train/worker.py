@@ -20,10 +20,13 @@ import torch
 from safedpo_ray.algorithm import (
     MetricSums,
     concatenated_logps,
+    loss_options,
     safedpo_forward,
     tie_aware_accuracy,
 )
 from safedpo_ray.config import Config, config_from_dict
+from safedpo_ray.loss import uses_reference
+from safedpo_ray.data.reference import REF_COLUMNS
 from safedpo_ray.data.tokenize import collate_pairs
 from safedpo_ray.models import (
     apply_lora,
@@ -33,6 +36,7 @@ from safedpo_ray.models import (
     make_reference_copy,
     reference_logits_context,
 )
+from safedpo_ray.storage import RunOutputs, current_node_id
 from safedpo_ray.train.metrics_log import MetricsLog
 from safedpo_ray.train.sampler import PairSampler
 from safedpo_ray.train.strategy import DeepSpeedStrategy
@@ -42,10 +46,11 @@ PAIR_COLUMNS = ("pair_id", "prompt_ids", "chosen_ids", "rejected_ids", "chosen_u
 
 def load_pairs(shard) -> list[dict[str, Any]]:
     """The whole tokenized split in memory, ordered by pair_id (Ray Data's block order varies;
-    the sampler needs a fixed order for exact resume)."""
+    the sampler needs a fixed order for exact resume). Cached reference log-probs come along."""
     rows: list[dict[str, Any]] = []
     for batch in shard.iter_batches(batch_size=1024, batch_format="numpy"):
         n = len(batch["pair_id"])
+        refs = [k for k in REF_COLUMNS if k in batch]
         for i in range(n):
             rows.append(
                 {
@@ -55,6 +60,7 @@ def load_pairs(shard) -> list[dict[str, Any]]:
                     "rejected_ids": np.asarray(batch["rejected_ids"][i]).tolist(),
                     "chosen_unsafe": bool(batch["chosen_unsafe"][i]),
                     "rejected_unsafe": bool(batch["rejected_unsafe"][i]),
+                    **{k: float(batch[k][i]) for k in refs},
                 }
             )
     rows.sort(key=lambda r: r["pair_id"])
@@ -71,7 +77,9 @@ class Worker:
         import ray.train
 
         self.cfg = cfg = config_from_dict(loop_config["config"])
-        self.run_dir = Path(loop_config["run_dir"])
+        # Rank 0 writes the run's outputs here: the run root, or a node-local staging dir uploaded to it.
+        self.outputs = RunOutputs(loop_config.get("storage_root") or loop_config["run_dir"], name=cfg.run.name)
+        self.run_dir = self.outputs.local
         self.strategy = DeepSpeedStrategy(cfg, on_gpu=cfg.run.use_gpu)
         self.strategy.setup_distributed()
         torch.manual_seed(cfg.train.seed)
@@ -81,6 +89,10 @@ class Worker:
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
+        # Reference log-probs precomputed on the driver's side (data/reference.py): no reference
+        # model is held and no reference forward runs here.
+        self.reference_cached = bool(loop_config.get("reference_cached"))
+        self.reference_forwards = 0
         reference = None
         if cfg.model.lora.enabled:
             lora = cfg.model.lora
@@ -88,7 +100,7 @@ class Worker:
             model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=target)
             if cfg.model.gradient_checkpointing:
                 model.enable_input_require_grads()
-        else:
+        elif not self.reference_cached and uses_reference(cfg.train.loss):  # SimPO needs none
             reference = make_reference_copy(model)
 
         self.train_rows = load_pairs(ray.train.get_dataset_shard("train"))
@@ -106,10 +118,11 @@ class Worker:
 
     # -- pieces --------------------------------------------------------------------------------
     def live_reference_logps(self, batch):
+        self.reference_forwards += 1
         if self.reference is not None:
             return concatenated_logps(self.reference, batch)
         if not self.cfg.model.lora.enabled:
-            raise RuntimeError("the reference copy was freed after its log-probs were cached")
+            raise RuntimeError("no reference model: its log-probs were expected with the pairs")
         with reference_logits_context(self.engine.module):
             return concatenated_logps(self.engine, batch)
 
@@ -136,21 +149,6 @@ class Worker:
             idx = mine[b * mb : (b + 1) * mb]
             yield (idx, True) if idx else ([0], False)
 
-    def cache_reference_logps(self) -> None:
-        """Reference log-probs of every pair, computed once (each rank a share, one all-reduce):
-        a forward per pair instead of one per pair per epoch, and the frozen copy is freed."""
-        for rows in (self.train_rows, self.eval_rows):
-            logps = torch.zeros(len(rows), 2, dtype=torch.float64)
-            with torch.no_grad():
-                for idx, real in self.rank_batches(rows):
-                    chosen, rejected = self.live_reference_logps(self.collate([rows[i] for i in idx]))
-                    if real:
-                        logps[idx] = torch.stack([chosen, rejected], dim=1).double().cpu()
-            logps = self.strategy.all_reduce_sum(logps)
-            for row, (chosen, rejected) in zip(rows, logps.tolist()):
-                row["ref_chosen_logps"], row["ref_rejected_logps"] = chosen, rejected
-        self.reference = None
-
     def evaluate(self) -> dict[str, float]:
         """Implicit-reward metrics on the held-out pairs (ties count half), all ranks together."""
         sums = MetricSums()
@@ -159,7 +157,8 @@ class Worker:
             for idx, real in self.rank_batches(self.eval_rows):
                 batch = self.collate([self.eval_rows[i] for i in idx])
                 _, per_example = safedpo_forward(
-                    self.engine, self.reference_logps, batch, self.cfg.train.beta, self.cfg.train.delta
+                    self.engine, self.reference_logps, batch, self.cfg.train.beta, self.cfg.train.delta,
+                    **loss_options(self.cfg.train),
                 )
                 if real:
                     sums.add(tie_aware_accuracy(per_example), batch["chosen_unsafe"], batch["rejected_unsafe"])
@@ -175,7 +174,8 @@ class Worker:
             rows = [self.train_rows[i] for i in self.sampler.indices(step, micro)]
             batch = self.collate(rows)
             loss, per_example = safedpo_forward(
-                self.engine, self.reference_logps, batch, self.cfg.train.beta, self.cfg.train.delta
+                self.engine, self.reference_logps, batch, self.cfg.train.beta, self.cfg.train.delta,
+                **loss_options(self.cfg.train),
             )
             self.strategy.backward(loss)
             self.strategy.step()
@@ -195,9 +195,43 @@ class Worker:
     def checkpoint(self, step: int, metrics: dict[str, Any], state: dict[str, Any]) -> None:
         import ray.train
 
+        if self.strategy.is_rank0:
+            self.outputs.mark(step)  # log sizes at this checkpoint; uploaded with the logs
         with tempfile.TemporaryDirectory() as tmp:
             self.strategy.save(tmp, {**state, "step": step})
-            ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            ray.train.report(self.report_metrics(step, metrics, state),
+                             checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    @staticmethod
+    def report_metrics(step: int, metrics: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+        """What goes to Ray Train (and, in a search, to Tune): the step's metrics and the latest
+        held-out metrics, so every report carries the metric a scheduler compares."""
+        held_out = {"eval/" + k: v for k, v in state.get("eval_last", state.get("eval_before", {})).items()}
+        return {**metrics, **held_out, "step": step}
+
+    def gather_node_ids(self) -> list[str | None]:
+        """The Ray node of every rank, in rank order (all ranks call this together)."""
+        import torch.distributed as dist
+
+        mine = current_node_id()
+        if not (dist.is_initialized() and self.strategy.world_size > 1):
+            return [mine]
+        nodes: list[Any] = [None] * self.strategy.world_size
+        dist.all_gather_object(nodes, mine)
+        return nodes
+
+    def record_pairs(self, step: int, done: int) -> None:
+        """train.record_pairs: every rank puts the pair_ids it trains at `step` in their slots of
+        the global batch, one all-reduce, rank 0 appends them to pairs.jsonl (all ranks call)."""
+        s, sampler, mb = self.strategy, self.sampler, self.cfg.train.micro_batch_size
+        slots = torch.zeros(self.cfg.train.global_batch_size, dtype=torch.float64)
+        for micro in range(sampler.accumulation_steps):
+            for j, i in enumerate(sampler.indices(step, micro)):
+                slots[(micro * s.world_size + s.rank) * mb + j] = self.train_rows[i]["pair_id"] + 1
+        slots = s.all_reduce_sum(slots)
+        if s.is_rank0:
+            self.outputs.append("pairs.jsonl", {"step": done, "epoch": sampler.epoch_of(step),
+                                                "pair_ids": [int(v) - 1 for v in slots.tolist()]})
 
     def export(self) -> Path:
         out = self.run_dir / "model"
@@ -219,19 +253,15 @@ class Worker:
             with checkpoint.as_directory() as d:
                 state = s.load(d)
             start = int(state.pop("step"))
+        worker_nodes = self.gather_node_ids()
         log = None
         if s.is_rank0:
+            self.outputs.restore(start)  # logs cut back to this checkpoint: no step is logged twice
             log = MetricsLog(self.run_dir, total_steps=self.total_steps, tensorboard=cfg.run.tensorboard,
                              mlflow_tracking_uri=cfg.run.mlflow_tracking_uri, run_name=self.run_dir.name)
             print(f"[safedpo] {len(self.train_rows)} train pairs, {len(self.eval_rows)} held-out pairs, "
                   f"{self.total_steps} steps, {s.world_size} workers, ZeRO-{cfg.train.zero_stage}"
                   + (f", resuming at step {start}" if start else ""), flush=True)
-        if cfg.train.cache_reference:
-            t0 = time.perf_counter()
-            self.cache_reference_logps()
-            if log:
-                print(f"[safedpo] reference log-probs of {len(self.train_rows) + len(self.eval_rows)} pairs "
-                      f"cached in {time.perf_counter() - t0:.1f} s", flush=True)
         if "eval_before" not in state:
             state["eval_before"] = self.evaluate()
             if log:
@@ -244,23 +274,52 @@ class Worker:
             if log and (done % cfg.train.log_every == 0 or done == stop):
                 log.log(done, metrics)
                 log.progress(done, metrics)
+            if cfg.train.record_pairs:
+                self.record_pairs(step, done)
+            if cfg.train.step_delay_s:
+                time.sleep(cfg.train.step_delay_s)  # debug: room to lose a node between checkpoints
+            eval_now = cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < self.total_steps
+            if eval_now:
+                state["eval_last"] = self.evaluate()
+                if log:
+                    log.log(done, {"eval/" + k: v for k, v in state["eval_last"].items()})
             every = cfg.train.checkpoint_every
             if (every and done % every == 0) or done == stop:
                 self.checkpoint(done, metrics, state)
+            elif eval_now:
+                ray.train.report(self.report_metrics(done, metrics, state))
         result: dict[str, Any] = {"eval_before": state["eval_before"], "last_step": stop}
+        result.update(resumed_at_step=start, worker_nodes=worker_nodes)  # this attempt's start, ranks' nodes
         if stop == self.total_steps:
-            result["eval_after"] = self.evaluate()
+            result["eval_after"] = state["eval_last"] = self.evaluate()
             result["model_dir"] = str(self.export())
             if log:
                 log.log(stop, {"eval/" + k: v for k, v in result["eval_after"].items()})
+            # The final held-out metrics, for a search's scheduler and results table.
+            ray.train.report({**self.report_metrics(stop, metrics, state), "completed": 1})
         else:
             result["stopped_early"] = True
+        result["reference_forwards"] = self.reference_forwards
+        result["reference_model_held"] = self.reference is not None  # a frozen copy in this worker
         if log:
             log.close()
             (self.run_dir / "train_result.json").write_text(json.dumps(result, indent=2))
+            self.outputs.finish()  # an object-store root gets everything rank 0 wrote
         return result
+
+
+def quiet_ray_train_reports() -> None:
+    """Ray Train logs every report's whole metrics dict (60+ keys) and every checkpoint path at
+    INFO from each worker; our own progress line says what matters."""
+    import logging
+
+    from ray.train.v2._internal.execution import context, storage
+
+    for name in (context.__file__, storage.__name__):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_ray_train_reports()
     return Worker(loop_config).run()

@@ -3,6 +3,7 @@
     safedpo-ray verify                                # SafeDPO and plain DPO vs the closed-form π*
     safedpo-ray verify --config my.yaml train.delta=10 --pairs 200
     safedpo-ray verify --world my_world.json          # a world of your own (World.to_dict() JSON)
+    safedpo-ray verify train.loss=ipo                 # any loss with a known optimum: sigmoid, ipo, robust, simpo
     safedpo-ray delta-study --deltas 0,2,5,10,20 train.max_steps=80
 
 `verify` exits 0 when every check passes (SafeDPO unsafe mass < 0.05 and ≤ reference/10, TV of
