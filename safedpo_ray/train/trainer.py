@@ -173,7 +173,7 @@ def fit(cfg: Config, run_dir: Path, prepared: Prepared, *, storage: str, started
         callbacks: list | None = None, root: str | None = None) -> dict[str, Any]:
     """Train on prepared pairs with a Ray Train `TorchTrainer`; returns the summary (also written
     to <run_dir>/summary.json). `callbacks` go to Ray Train (a search passes Tune's reporter)."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from safedpo_ray.train.worker import train_loop
