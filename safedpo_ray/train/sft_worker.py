@@ -31,6 +31,7 @@ from safedpo_ray.models import apply_lora, export_model, is_peft_model, load_mod
 from safedpo_ray.train.metrics_log import MetricsLog
 from safedpo_ray.train.sampler import PairSampler
 from safedpo_ray.train.strategy import DeepSpeedStrategy
+from safedpo_ray.train.worker import restore_checkpoint
 
 
 def load_examples(shard) -> list[dict[str, Any]]:
@@ -170,13 +171,7 @@ class SftWorker:
         import ray.train
 
         cfg, s = self.cfg, self.strategy
-        state: dict[str, Any] = {}
-        start = 0
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is not None:
-            with checkpoint.as_directory() as d:
-                state = s.load(d)
-            start = int(state.pop("step"))
+        state, start = restore_checkpoint(s)
         log = None
         if s.is_rank0:
             log = MetricsLog(self.run_dir, total_steps=self.total_steps, tensorboard=cfg.run.tensorboard,

@@ -72,6 +72,18 @@ def total_steps_for(cfg: Config, sampler: PairSampler) -> int:
     return min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
 
 
+def restore_checkpoint(strategy: DeepSpeedStrategy) -> tuple[dict[str, Any], int]:
+    """The client state and step of Ray Train's latest checkpoint ({} and 0 on a fresh start)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return {}, 0
+    with checkpoint.as_directory() as d:
+        state = strategy.load(d)
+    return state, int(state.pop("step"))
+
+
 class Worker:
     def __init__(self, loop_config: dict[str, Any]):
         import ray.train
@@ -246,13 +258,7 @@ class Worker:
         import ray.train
 
         cfg, s = self.cfg, self.strategy
-        state: dict[str, Any] = {}
-        start = 0
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is not None:
-            with checkpoint.as_directory() as d:
-                state = s.load(d)
-            start = int(state.pop("step"))
+        state, start = restore_checkpoint(s)
         worker_nodes = self.gather_node_ids()
         log = None
         if s.is_rank0:
