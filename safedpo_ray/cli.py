@@ -37,16 +37,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from safedpo_ray.data.pipeline import format_stats
-    from safedpo_ray.train.trainer import prepare, run_dir_for
+    from safedpo_ray.train.trainer import plan_data, prepare, run_dir_for
 
     cfg = _load(args)
+    plan = plan_data(cfg)  # a bad source is reported before Ray starts
     run_dir = run_dir_for(cfg)
-    prepared = prepare(cfg, run_dir)
-    out = run_dir / "prepared"
-    for split, ds in prepared.datasets.items():
-        ds.write_parquet(str(out / split))
+    prepared = prepare(cfg, run_dir, plan)
     print(format_stats(prepared.stats))
-    print(f"prepared pairs: {out}  statistics: {run_dir / 'data_stats.json'}  tokenizer/model: {prepared.model_path}")
+    print(f"prepared pairs: {prepared.data.root} (train.arrow, eval.arrow; reused by later runs)\n"
+          f"statistics: {run_dir / 'data_stats.json'}  tokenizer/model: {prepared.model_path}")
     return 0
 
 

@@ -56,7 +56,11 @@ class DataConfig:
     max_prompt_length: int = 256
     """Maximum prompt tokens; longer prompts keep their last tokens."""
     tokenize_batch_size: int = 256
-    """Rows per Ray Data tokenization batch."""
+    """Rows per Ray Data tokenization batch (SFT and scorer data; training data streams in batches of 1024)."""
+    max_row_bytes: int = 8388608
+    """A row (a .jsonl line) longer than this many bytes is quarantined unread."""
+    chunk_mb: int = 64
+    """A .jsonl file larger than this is read by several tasks, one per this many MB."""
 
 
 @dataclass
@@ -324,6 +328,9 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"'data.schema' must be auto, pku or pairwise, got '{d.schema}'")
     if not 0 <= d.eval_fraction < 1:
         raise ConfigError(f"'data.eval_fraction' must be in [0, 1), got {d.eval_fraction}")
+    for key in ("max_row_bytes", "chunk_mb"):
+        if getattr(d, key) < 1:
+            raise ConfigError(f"'data.{key}' must be a positive integer, got {getattr(d, key)}")
     if d.max_prompt_length >= d.max_length:
         raise ConfigError(
             f"'data.max_prompt_length' ({d.max_prompt_length}) must be below 'data.max_length' ({d.max_length})"

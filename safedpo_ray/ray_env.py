@@ -32,13 +32,17 @@ def ensure_ray(run: RunConfig) -> None:
     """
     import ray
 
+    from safedpo_ray import console
+
     if ray.is_initialized():
+        console.ray_ready(run)
         return
     for k, v in {**LOCAL_ENV, **worker_env(run.use_gpu)}.items():
         os.environ.setdefault(k, v)
     address = run.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
+        console.ray_ready(run, started=True)  # workers' output: ours on the console, the rest to a file
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local Ray needs no token
     needed = int(run.num_workers * run.cpus_per_worker) + 2
@@ -53,6 +57,7 @@ def ensure_ray(run: RunConfig) -> None:
     ray.init(num_cpus=num_cpus, log_to_driver=True, include_dashboard=True,
              dashboard_host="127.0.0.1", dashboard_port=port, runtime_env={"env_vars": env})
     os.environ["RAY_API_SERVER_ADDRESS"] = env["RAY_API_SERVER_ADDRESS"]
+    console.ray_ready(run, started=True)
 
 
 def _free_port() -> int:

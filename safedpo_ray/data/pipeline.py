@@ -1,33 +1,19 @@
-"""The data pipeline: read → validate (quarantine) → T (Ray Data) → tokenize (Ray Data).
-
-Reading and validation run where the rows are numbered (the driver), so every bad row is
-reported with its row number and nothing is dropped silently; the per-row work that scales
-(T and tokenization) runs as Ray Data `map_batches` tasks. Both splits end materialized, so Ray
-Train workers that hold every CPU of a small machine never wait on a streaming read.
+"""Small in-memory datasets (SFT examples, scorer pairs, evaluation pairs): read both splits,
+validate with quarantine. Training pairs stream instead (data/stream.py, data/prepared.py); both
+paths read through data/files.py and check rows with data/schema.py.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from safedpo_ray.config import DataConfig
 from safedpo_ray.data.schema import PKU_FIELDS, SchemaError, detect_schema, to_pku, validate_row
 from safedpo_ray.data.sources import SYNTHETIC, is_hub_id, prompt_in_eval, read_rows
-from safedpo_ray.data.tokenize import tokenize_pairs
-from safedpo_ray.data.transform import pair_category, transform_with_outcome
-from safedpo_ray.errors import UserError
-
-TRAIN_COLUMNS = ["pair_id", "prompt_ids", "chosen_ids", "rejected_ids", "chosen_unsafe", "rejected_unsafe"]
-
-
-class DataError(UserError):
-    """Invalid data in strict mode, or no usable pairs; the message names the row."""
+from safedpo_ray.data.stream import DataError  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -55,6 +41,8 @@ def read_splits(cfg: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
 def validate_rows(rows: list[dict[str, Any]], schema: str = "auto", *, strict: bool = False,
                   split: str = "train") -> ValidatedRows:
     """Valid rows in PKU form (with `pair_id` = row number); bad rows with their reasons."""
+    if not rows:
+        return ValidatedRows(rows=[])
     if schema == "auto":
         columns = set().union(*(r.keys() for r in rows if "__invalid__" not in r)) if rows else set()
         try:
@@ -84,76 +72,6 @@ def write_quarantine(path: Path, quarantined: list[dict[str, Any]]) -> None:
     with path.open("w") as f:
         for q in quarantined:
             f.write(json.dumps(q, default=str) + "\n")
-
-
-def _transform_batch(batch: pd.DataFrame, mode: str) -> pd.DataFrame:
-    records = []
-    for row in batch.to_dict("records"):
-        pair, outcome = transform_with_outcome(row, mode)
-        records.append({
-            "pair_id": int(row["pair_id"]),
-            "category": pair_category(row),
-            "outcome": outcome,
-            **(pair or {"prompt": row["prompt"], "chosen": "", "rejected": "",
-                        "chosen_unsafe": False, "rejected_unsafe": False}),
-            "extra": row["extra"],
-        })
-    return pd.DataFrame.from_records(records)
-
-
-@functools.lru_cache(maxsize=4)
-def _cached_tokenizer(path: str, trust_remote_code: bool):
-    from safedpo_ray.models import load_tokenizer
-
-    return load_tokenizer(path, trust_remote_code=trust_remote_code)
-
-
-def _tokenize_batch(batch: pd.DataFrame, tokenizer_path: str, trust_remote_code: bool,
-                    max_length: int, max_prompt_length: int) -> pd.DataFrame:
-    tokenizer = _cached_tokenizer(tokenizer_path, trust_remote_code)
-    batch = batch[batch["outcome"] != "discarded"]
-    columns = {c: batch[c].tolist() for c in batch.columns}
-    out = tokenize_pairs(columns, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
-    for k in ("prompt_truncated", "chosen_truncated", "rejected_truncated"):
-        out[k] = [int(v) for v in out[k]]
-    return pd.DataFrame(out)
-
-
-def transform_and_tokenize(rows: list[dict[str, Any]], *, mode: str, tokenizer_path: str,
-                           cfg: DataConfig, trust_remote_code: bool = False):
-    """Ray Data graph over validated rows. Returns (tokenized materialized dataset, statistics)."""
-    import ray.data
-
-    if not rows:
-        raise DataError("no valid rows to train on (all rows were quarantined?)")
-    # One block per batch (Ray's default of 200 blocks costs seconds of scheduling for nothing).
-    blocks = max(1, min(256, -(-len(rows) // cfg.tokenize_batch_size)))
-    ds = ray.data.from_items(rows, override_num_blocks=blocks)
-    ds = ds.map_batches(_transform_batch, fn_kwargs={"mode": mode}, batch_format="pandas",
-                        batch_size=cfg.tokenize_batch_size).materialize()
-    # Counting two short string columns on the driver beats a 200-partition groupby shuffle.
-    outcomes: dict[str, dict[str, int]] = {}
-    counts = ds.select_columns(["category", "outcome"]).to_pandas().value_counts()
-    for (category, outcome), n in counts.items():
-        outcomes.setdefault(category, {})[outcome] = int(n)
-    tokenized = ds.map_batches(
-        _tokenize_batch, batch_format="pandas", batch_size=cfg.tokenize_batch_size,
-        fn_kwargs={"tokenizer_path": tokenizer_path, "trust_remote_code": trust_remote_code,
-                   "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length},
-    ).materialize()
-    n_pairs = tokenized.count()
-    stats: dict[str, Any] = {"transform": outcomes, "pairs": n_pairs}
-    if n_pairs == 0:
-        raise DataError(f"mode '{mode}' kept no pairs (transform outcomes: {outcomes})")
-    sums = tokenized.select_columns(["prompt_truncated", "chosen_truncated", "rejected_truncated"]).to_pandas().sum()
-    stats["truncated"] = {k.replace("_truncated", ""): int(v) for k, v in sums.items()}
-    types = tokenized.select_columns(["chosen_unsafe", "rejected_unsafe"]).to_pandas()
-    names = {(False, False): "safe_safe", (False, True): "safe_unsafe", (True, False): "unsafe_safe", (True, True): "unsafe_unsafe"}
-    stats["pair_types"] = {
-        names[(bool(c), bool(r))]: int(n)
-        for (c, r), n in types.value_counts(["chosen_unsafe", "rejected_unsafe"]).items()
-    }
-    return tokenized, stats
 
 
 def format_stats(stats: dict[str, Any]) -> str:

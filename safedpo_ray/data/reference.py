@@ -2,13 +2,13 @@
 
 β and Δ change neither the reference model nor the pairs, so a `train` run, every trial of a
 `tune` experiment and any later run on the same inputs share one reference pass. The pass writes
-the tokenized pairs plus `ref_chosen_logps`/`ref_rejected_logps` as parquet under
+the `pair_id`, `ref_chosen_logps` and `ref_rejected_logps`, row for row with the prepared pairs
+(data/prepared.py), as Arrow files under
 
-    <output_dir>/.cache/reference/<key>/{train,eval}/
+    <cache>/reference/<key>/{train,eval}.arrow
 
-where `key` hashes the reference model (its files), the compute precision, the tokenized pairs
-(ids of every prompt and response, which carry the data, the transformation and the template)
-and the tokenization settings. Changing any of them computes anew; nothing else is compared.
+where `key` hashes the prepared pairs' key (source, data settings, tokenizer), the reference model
+(its files) and the compute precision. Changing any of them computes anew.
 """
 
 from __future__ import annotations
@@ -24,10 +24,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
-ID_COLUMNS = ("pair_id", "prompt_ids", "chosen_ids", "rejected_ids", "chosen_unsafe", "rejected_unsafe")
 _COMPLETE = "complete.json"
 _FULL_HASH_LIMIT = 512 * 2**20  # files above this are fingerprinted by size, mtime and sampled chunks
 
@@ -65,22 +63,8 @@ def model_fingerprint(name_or_path: str) -> str:
     return h.hexdigest()
 
 
-def pairs_fingerprint(ds) -> str:
-    """Order-independent digest of a tokenized split: the ids and flags of every pair, by pair_id."""
-    frame = ds.select_columns(list(ID_COLUMNS)).to_pandas().sort_values("pair_id")
-    h = hashlib.sha256()
-    for row in frame.itertuples(index=False):
-        h.update(np.asarray(row.pair_id, dtype=np.int64).tobytes())
-        for ids in (row.prompt_ids, row.chosen_ids, row.rejected_ids):
-            h.update(np.asarray(ids, dtype=np.int64).tobytes() + b"|")
-        h.update(bytes([bool(row.chosen_unsafe), bool(row.rejected_unsafe)]))
-    return h.hexdigest()
-
-
-def reference_key(model_fp: str, *, precision: str, splits: dict[str, str], max_length: int,
-                  max_prompt_length: int) -> str:
-    payload = {"model": model_fp, "precision": precision, "splits": splits,
-               "max_length": max_length, "max_prompt_length": max_prompt_length, "version": 1}
+def reference_key(prepared_key: str, model_fp: str, *, precision: str) -> str:
+    payload = {"pairs": prepared_key, "model": model_fp, "precision": precision, "version": 2}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -99,40 +83,37 @@ class ReferenceLogps:
         for p in self.model.parameters():
             p.data = p.data.to(dtype)
         self.pad_id = load_tokenizer(model_path, trust_remote_code=trust_remote_code).pad_token_id
+        self.tables: dict[str, Any] = {}
 
-    def logps(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def logps(self, split_uri: str, positions: list[int]) -> tuple[list[int], np.ndarray, np.ndarray]:
         import torch
 
         from safedpo_ray.algorithm import concatenated_logps
         from safedpo_ray.data.tokenize import collate_pairs
+        from safedpo_ray.train.pairs import PairTable
 
-        collated = collate_pairs({k: batch[k] for k in ID_COLUMNS[1:]}, self.pad_id)
+        if split_uri not in self.tables:
+            self.tables[split_uri] = PairTable(split_uri)
+        collated = collate_pairs(self.tables[split_uri].batch(positions), self.pad_id)
         with torch.no_grad():
             chosen, rejected = concatenated_logps(
                 self.model, {k: v.to(self.device) for k, v in collated.items()})
-        batch["ref_chosen_logps"] = chosen.double().cpu().numpy()
-        batch["ref_rejected_logps"] = rejected.double().cpu().numpy()
-        return batch
-
-
-def read_split(root: Path, split: str):
-    """A cached split as a materialized Ray Dataset, read here without a Ray Data job (the pairs
-    of a preference dataset fit in memory; their ids are what workers need)."""
-    import ray.data
-
-    ds = ray.data.from_arrow(pq.read_table(Path(root) / split))
-    ds.context.enable_progress_bars = False
-    return ds
+        return positions, chosen.double().cpu().numpy(), rejected.double().cpu().numpy()
 
 
 @dataclass
 class ReferencePass:
     key: str
-    path: Path
+    path: str  # a path or URI: <cache>/reference/<key>
     computed: bool
     pairs: int
     seconds: float  # time this run spent on reference log-probs (reading the cache when reused)
     compute_seconds: float  # what computing them cost when they were made
+
+    def split(self, name: str) -> str:
+        from safedpo_ray import storage
+
+        return storage.join(self.path, f"{name}.arrow")
 
     def describe(self) -> str:
         if self.computed:
@@ -154,59 +135,67 @@ def worker_batches(n: int, world_size: int, micro_batch_size: int) -> list[list[
     return batches
 
 
-def _reference_pass(frame, *, actors, batches) -> pa.Table:
-    """Reference log-probs of a split (a pandas frame sorted by pair_id), one batch per call,
-    spread over an actor pool."""
+def _reference_pass(split_uri: str, n: int, *, actors, batches) -> pa.Table:
+    """Reference log-probs of a prepared split, one micro-batch per call, over an actor pool."""
     from ray.util import ActorPool
 
-    jobs = [{k: frame[k].to_numpy()[idx] for k in ID_COLUMNS} for idx in batches]
-    results = list(ActorPool(actors).map(lambda actor, job: actor.logps.remote(job), jobs))
-    tables = [pa.table({k: list(v) if v.dtype == object else v for k, v in r.items()}) for r in results]
-    return pa.concat_tables(tables).sort_by("pair_id")
+    from safedpo_ray.train.pairs import open_split
+
+    chosen, rejected = np.zeros(n), np.zeros(n)
+    for positions, c, r in ActorPool(actors).map_unordered(
+            lambda actor, job: actor.logps.remote(split_uri, job), batches):
+        chosen[positions], rejected[positions] = c, r
+    pair_ids = open_split(split_uri).column("pair_id")
+    return pa.table({"pair_id": pair_ids, "ref_chosen_logps": chosen, "ref_rejected_logps": rejected})
 
 
-def with_reference_logps(datasets: dict[str, Any], *, model_path: str, precision: str, cache_root: Path,
-                         max_length: int, max_prompt_length: int, batch_size: int, num_actors: int,
-                         cpus_per_actor: float = 1.0, use_gpu: bool = False, world_size: int = 1,
-                         trust_remote_code: bool = False) -> tuple[dict[str, Any], ReferencePass]:
-    """The tokenized splits with reference log-prob columns, from the cache or from one pass of
-    `num_actors` actors over the micro-batches `world_size` training workers would form."""
+def reference_logps(prepared, *, model_path: str, precision: str, cache_base: str, local_base: Path,
+                    batch_size: int, num_actors: int, cpus_per_actor: float = 1.0, use_gpu: bool = False,
+                    world_size: int = 1, trust_remote_code: bool = False) -> ReferencePass:
+    """Reference log-probs of a preparation's splits, from the cache or from one pass of
+    `num_actors` actors over the micro-batches `world_size` training workers form. They are
+    stored as `<cache_base>/reference/<key>/{train,eval}.arrow`, row for row with the pairs."""
     import ray
 
+    from safedpo_ray import storage
+
     t0 = time.perf_counter()
-    fps = {split: pairs_fingerprint(ds) for split, ds in datasets.items()}
-    key = reference_key(model_fingerprint(model_path), precision=precision, splits=fps,
-                        max_length=max_length, max_prompt_length=max_prompt_length)
-    root = Path(cache_root) / key
-    marker = root / _COMPLETE
-    computed = not marker.exists()
+    key = reference_key(prepared.key, model_fingerprint(model_path), precision=precision)
+    root = storage.join(cache_base, "reference", key)
+    marker = storage.join(root, _COMPLETE)
+    computed = not storage.exists(marker)
+    splits = [s for s in ("train", "eval") if prepared.stats.get(s, {}).get("pairs", 0) > 0]
     if computed:
-        tmp = root.with_name(f"{key}.tmp-{os.getpid()}")
+        local = Path(local_base) / "reference" / key if storage.is_remote(root) else Path(root)
+        tmp = local.with_name(f"{key}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        pairs = 0
+        tmp.mkdir(parents=True)
         actor_cls = ray.remote(num_cpus=cpus_per_actor, num_gpus=1 if use_gpu else 0)(ReferenceLogps)
         actors = [actor_cls.remote(model_path, precision, trust_remote_code, use_gpu) for _ in range(num_actors)]
+        pairs = 0
         try:
-            for split, ds in datasets.items():
-                frame = ds.select_columns(list(ID_COLUMNS)).to_pandas().sort_values("pair_id").reset_index(drop=True)
-                table = _reference_pass(frame, actors=actors,
-                                        batches=worker_batches(len(frame), world_size, batch_size))
-                (tmp / split).mkdir(parents=True)
-                pq.write_table(table, tmp / split / "pairs.parquet")
-                pairs += table.num_rows
+            for split in splits:
+                n = prepared.stats[split]["pairs"]
+                table = _reference_pass(prepared.split(split), n, actors=actors,
+                                        batches=worker_batches(n, world_size, batch_size))
+                with pa.ipc.new_file(str(tmp / f"{split}.arrow"), table.schema) as w:
+                    w.write_table(table)
+                pairs += n
         finally:
             for actor in actors:
                 ray.kill(actor)
         compute_seconds = time.perf_counter() - t0
         (tmp / _COMPLETE).write_text(json.dumps({"pairs": pairs, "compute_seconds": compute_seconds,
                                                   "model": model_path, "precision": precision,
-                                                  "splits": sorted(datasets)}))
-        if root.exists():  # another run finished the same pass meanwhile: keep theirs
+                                                  "prepared": prepared.key, "splits": splits}))
+        if storage.is_remote(root):
+            for name in [f"{s}.arrow" for s in splits] + [_COMPLETE]:  # the marker last
+                storage.upload(tmp / name, storage.join(root, name))
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif local.exists():  # another run finished the same pass meanwhile: keep theirs
             shutil.rmtree(tmp, ignore_errors=True)
         else:
-            tmp.rename(root)  # atomic: a half-written pass is never picked up
-    meta = json.loads(marker.read_text())
-    out = {split: read_split(root, split) for split in datasets}
-    info = ReferencePass(key=key, path=root, computed=computed, pairs=int(meta["pairs"]),
+            tmp.rename(local)  # atomic: a half-written pass is never picked up
+    meta = json.loads(storage.read_text(marker))
+    return ReferencePass(key=key, path=root, computed=computed, pairs=int(meta["pairs"]),
                          seconds=time.perf_counter() - t0, compute_seconds=float(meta["compute_seconds"]))
-    return out, info

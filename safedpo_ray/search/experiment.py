@@ -47,12 +47,13 @@ def inputs_key(cfg: Config) -> str:
 
 
 def _read_shared(shared: dict[str, Any]):
-    from safedpo_ray.data.reference import ReferencePass, read_split
+    from safedpo_ray.data.prepared import PreparedData
+    from safedpo_ray.data.reference import ReferencePass
     from safedpo_ray.train.trainer import Prepared
 
-    ref = ReferencePass(**{**shared["reference"], "path": Path(shared["reference"]["path"])})
-    datasets = {split: read_split(ref.path, split) for split in shared["splits"]}
-    return Prepared(datasets=datasets, stats=shared["stats"], model_path=shared["model_path"], reference=ref)
+    ref = ReferencePass(**shared["reference"])
+    data = PreparedData(**shared["data"])
+    return Prepared(data=data, stats=data.stats, model_path=shared["model_path"], reference=ref)
 
 
 def _prepare_shared(cfg: Config, exp_dir: Path) -> dict[str, Any]:
@@ -60,15 +61,15 @@ def _prepare_shared(cfg: Config, exp_dir: Path) -> dict[str, Any]:
     from safedpo_ray.train.trainer import attach_reference, prepare
 
     prepared = prepare(cfg, exp_dir)
-    if "eval" not in prepared.datasets:
+    if not prepared.has_eval:
         raise SearchError("a search needs held-out pairs to compare trials: set data.eval_source, "
                           "data.eval_split or data.eval_fraction > 0")
-    prompts = write_held_out_prompts(prepared.datasets["eval"], exp_dir)
+    prompts = write_held_out_prompts(prepared.data.split("eval"), exp_dir)
     attach_reference(cfg, prepared)
-    r = prepared.reference
+    r, d = prepared.reference, prepared.data
     return {"inputs_key": inputs_key(cfg), "model_path": prepared.model_path, "stats": prepared.stats,
             "held_out_prompts": str(prompts),
-            "splits": sorted(prepared.datasets),
+            "data": {"key": d.key, "root": d.root, "stats": d.stats, "reused": d.reused, "seconds": d.seconds},
             "reference": {"key": r.key, "path": str(r.path), "computed": r.computed, "pairs": r.pairs,
                           "seconds": r.seconds, "compute_seconds": r.compute_seconds}}
 

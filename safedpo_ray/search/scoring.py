@@ -13,9 +13,11 @@ from safedpo_ray.search.space import SearchSpec
 HELD_OUT_PROMPTS = "heldout_prompts.jsonl"
 
 
-def write_held_out_prompts(eval_ds, exp_dir: Path) -> Path:
-    """The distinct prompts of the held-out pairs, for trials to generate from."""
-    prompts = eval_ds.select_columns(["prompt"]).to_pandas()["prompt"].drop_duplicates().tolist()
+def write_held_out_prompts(eval_split: str, exp_dir: Path) -> Path:
+    """The distinct prompts of the held-out pairs (a prepared split file), for trials to generate from."""
+    from safedpo_ray.train.pairs import open_split
+
+    prompts = list(dict.fromkeys(open_split(eval_split).column("prompt").to_pylist()))
     path = exp_dir / HELD_OUT_PROMPTS
     path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     return path

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from safedpo_ray.config import Config, dump_config
 from safedpo_ray.data.pipeline import read_splits, validate_rows, write_quarantine
 from safedpo_ray.data.sft import PLAIN, SFT_COLUMNS, examples_dataset, format_sft_stats, sft_schema, validate_plain_rows
 from safedpo_ray.ray_env import ensure_ray
-from safedpo_ray.train.trainer import Prepared, _check_resources, _check_run_dir, resolve_model, run_dir_for
+from safedpo_ray.train.trainer import _check_resources, _check_run_dir, resolve_model, run_dir_for
 
 
 def _validate(rows: list[dict[str, Any]], cfg: Config, split: str):
@@ -34,6 +35,14 @@ def _validate(rows: list[dict[str, Any]], cfg: Config, split: str):
     if kind == PLAIN:
         return kind, validate_plain_rows(rows, strict=cfg.data.strict, split=split)
     return kind, validate_rows(rows, kind, strict=cfg.data.strict, split=split)
+
+
+@dataclass
+class Prepared:
+    """SFT examples as materialized Ray Datasets (a small set of safe responses)."""
+    datasets: dict[str, Any]
+    stats: dict[str, Any]
+    model_path: str
 
 
 def prepare_sft(cfg: Config, run_dir: Path) -> Prepared:

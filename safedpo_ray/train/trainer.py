@@ -15,14 +15,17 @@ from pathlib import Path
 from typing import Any
 
 from safedpo_ray.config import Config, dump_config
-from safedpo_ray.data.pipeline import (
-    TRAIN_COLUMNS,
-    read_splits,
-    transform_and_tokenize,
-    validate_rows,
-    write_quarantine,
+from safedpo_ray.data.prepared import (
+    PreparedData,
+    cache_base,
+    copy_run_files,
+    local_cache_base,
+    precheck,
+    prepare_data,
+    sample_texts,
 )
-from safedpo_ray.data.reference import REF_COLUMNS, ReferencePass, with_reference_logps
+from safedpo_ray.data.reference import ReferencePass, reference_logps
+from safedpo_ray.data.sources import config_chunks
 from safedpo_ray.errors import UserError
 from safedpo_ray.loss import uses_reference
 from safedpo_ray.models import TINY_PRESET, build_tiny_model, convert_gguf
@@ -37,14 +40,37 @@ class RunError(UserError):
 
 @dataclass
 class Prepared:
-    datasets: dict[str, Any]  # "train" / "eval" → materialized Ray Datasets
+    data: PreparedData  # the prepared splits (Arrow files under the cache)
     stats: dict[str, Any]
     model_path: str
-    reference: ReferencePass | None = None  # set when the datasets carry reference log-probs
+    reference: ReferencePass | None = None  # set when reference log-probs were computed or reused
+
+    @property
+    def has_eval(self) -> bool:
+        return self.data.has_eval
+
+    def pair_files(self) -> dict[str, Any]:
+        """What workers open: the split files, and the reference log-prob files when cached."""
+        splits = ["train"] + (["eval"] if self.has_eval else [])
+        ref = self.reference
+        return {"pairs": {s: self.data.split(s) for s in splits},
+                "reference": {s: ref.split(s) for s in splits} if ref is not None else None}
 
 
-def reference_cache_root(cfg: Config) -> Path:
-    return Path(cfg.run.output_dir).resolve() / ".cache" / "reference"
+@dataclass
+class DataPlan:
+    """The sources as read chunks, checked before any Ray work starts."""
+    chunks: list
+    names: list[str]
+    identity: list[str]
+
+
+def plan_data(cfg: Config) -> DataPlan:
+    """Resolve the sources into chunks and check their files (no Ray: a bad source is reported
+    before a cluster is touched)."""
+    chunks, names, identity = config_chunks(cfg.data, seed=cfg.train.seed, chunk_bytes=cfg.data.chunk_mb * 2**20)
+    precheck(chunks, names, cfg.data.schema)
+    return DataPlan(chunks, names, identity)
 
 
 def attach_reference(cfg: Config, prepared: Prepared) -> None:
@@ -55,12 +81,11 @@ def attach_reference(cfg: Config, prepared: Prepared) -> None:
         print(f"[safedpo] train.loss={cfg.train.loss} is reference-free: no reference model", flush=True)
         return
     workers = cfg.run.num_workers
-    prepared.datasets, prepared.reference = with_reference_logps(
-        prepared.datasets, model_path=prepared.model_path, precision=cfg.train.precision,
-        cache_root=reference_cache_root(cfg), max_length=cfg.data.max_length,
-        max_prompt_length=cfg.data.max_prompt_length, batch_size=cfg.train.micro_batch_size,
-        num_actors=workers, cpus_per_actor=cfg.run.cpus_per_worker, use_gpu=cfg.run.use_gpu,
-        world_size=workers, trust_remote_code=cfg.model.trust_remote_code,
+    prepared.reference = reference_logps(
+        prepared.data, model_path=prepared.model_path, precision=cfg.train.precision,
+        cache_base=cache_base(cfg.run), local_base=local_cache_base(cfg.run),
+        batch_size=cfg.train.micro_batch_size, num_actors=workers, cpus_per_actor=cfg.run.cpus_per_worker,
+        use_gpu=cfg.run.use_gpu, world_size=workers, trust_remote_code=cfg.model.trust_remote_code,
     )
     print(f"[safedpo] {prepared.reference.describe()}", flush=True)
 
@@ -72,12 +97,13 @@ def run_dir_for(cfg: Config) -> Path:
     return run_storage.local_run_dir(cfg.run, cfg.run.name)
 
 
-def resolve_model(cfg: Config, run_dir: Path, texts: list[str]) -> str:
+def resolve_model(cfg: Config, run_dir: Path, texts) -> str:
     """A path or hub id every worker can load: the tiny preset is built (tokenizer trained on the
     training texts), a GGUF file is converted once to safetensors, a local directory becomes
     absolute (Ray workers do not start in the driver's directory); hub ids pass through."""
     m = cfg.model
-    if m.name_or_path == TINY_PRESET:
+    if m.name_or_path == TINY_PRESET:  # `texts`: a list, or a callable that reads a sample
+        texts = texts() if callable(texts) else texts
         return str(build_tiny_model(run_dir / "init-model", texts, seed=cfg.train.seed))
     if m.gguf_file:
         gguf = Path(m.gguf_file)
@@ -90,36 +116,22 @@ def resolve_model(cfg: Config, run_dir: Path, texts: list[str]) -> str:
     return m.name_or_path
 
 
-def prepare(cfg: Config, run_dir: Path) -> Prepared:
-    """Read, validate (quarantine), transform and tokenize both splits; resolve the model."""
+def prepare(cfg: Config, run_dir: Path, plan: DataPlan | None = None) -> Prepared:
+    """Prepared pairs of both splits (reused from the cache, or one streaming Ray Data pass:
+    read, validate with quarantine, split, T, tokenize) and the model path workers load."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    train_rows, eval_rows = read_splits(cfg.data, seed=cfg.train.seed)
-    validated = {
-        "train": validate_rows(train_rows, cfg.data.schema, strict=cfg.data.strict, split="train"),
-        "eval": validate_rows(eval_rows, cfg.data.schema, strict=cfg.data.strict, split="eval"),
-    }
-    quarantined = validated["train"].quarantined + validated["eval"].quarantined
-    if quarantined:
-        write_quarantine(run_dir / "quarantine.jsonl", quarantined)
-        print(f"[safedpo] {len(quarantined)} invalid rows quarantined to {run_dir / 'quarantine.jsonl'} "
-              f"(first: row {quarantined[0]['row_number']}: {quarantined[0]['reasons'][0]})", flush=True)
-    texts = [r[k] for r in validated["train"].rows for k in ("prompt", "response_0", "response_1")]
-    model_path = resolve_model(cfg, run_dir, texts)
+    plan = plan or plan_data(cfg)
+    model_path = resolve_model(cfg, run_dir, lambda: sample_texts(plan.chunks, cfg.data.schema))
     ensure_ray(cfg.run)
-    datasets, stats = {}, {}
-    # Held-out pairs always go through SafeDPO's T: safe-safe pairs keep the helpful order and
-    # mixed pairs put the safe response first, whatever mode the training data uses.
-    for split, mode in (("train", cfg.data.mode), ("eval", "safedpo")):
-        if split == "eval" and not validated["eval"].rows:
-            print("[safedpo] no held-out pairs: training without held-out metrics", flush=True)
-            continue
-        ds, s = transform_and_tokenize(validated[split].rows, mode=mode, tokenizer_path=model_path,
-                                       cfg=cfg.data, trust_remote_code=cfg.model.trust_remote_code)
-        datasets[split] = ds
-        stats[split] = {"mode": mode, "rows_read": validated[split].rows_read,
-                        "rows_quarantined": len(validated[split].quarantined), **s}
-    (run_dir / "data_stats.json").write_text(json.dumps(stats, indent=2))
-    return Prepared(datasets=datasets, stats=stats, model_path=model_path)
+    data = prepare_data(cfg, chunks=plan.chunks, names=plan.names, identity=plan.identity, tokenizer_path=model_path)
+    quarantined = copy_run_files(data, run_dir)
+    print(f"[safedpo] {data.describe()}", flush=True)
+    if quarantined:
+        print(f"[safedpo] {quarantined} rows quarantined, each with its file, row and reason: "
+              f"{run_dir / 'quarantine.jsonl'}", flush=True)
+    if not data.has_eval:
+        print("[safedpo] no held-out pairs: training without held-out metrics", flush=True)
+    return Prepared(data=data, stats=data.stats, model_path=model_path)
 
 
 def _check_run_dir(cfg: Config, run_dir: Path, storage: str) -> None:
@@ -159,10 +171,11 @@ def train(cfg: Config) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     t0 = time.time()
+    plan = plan_data(cfg)  # a bad source is one sentence before any Ray work
     ensure_ray(cfg.run)
     _check_resources(cfg)
     run_storage.check_cluster_storage(cfg.run)  # several nodes: outputs need shared storage
-    prepared = prepare(cfg, run_dir)
+    prepared = prepare(cfg, run_dir, plan)
     root = run_storage.run_root(cfg.run, cfg.run.name)
     prepared.model_path = run_storage.publish_driver_files(root, run_dir, prepared.model_path)
     attach_reference(cfg, prepared)
@@ -173,21 +186,17 @@ def fit(cfg: Config, run_dir: Path, prepared: Prepared, *, storage: str, started
         callbacks: list | None = None, root: str | None = None) -> dict[str, Any]:
     """Train on prepared pairs with a Ray Train `TorchTrainer`; returns the summary (also written
     to <run_dir>/summary.json). `callbacks` go to Ray Train (a search passes Tune's reporter)."""
-    from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from safedpo_ray.train.worker import train_loop
 
-    for ds in prepared.datasets.values():
-        # Materialized already; the workers' reads of it need no progress bars (they were noise).
-        ds.context.enable_progress_bars = False
     reference_cached = prepared.reference is not None
-    datasets = {k: v.select_columns(TRAIN_COLUMNS + (list(REF_COLUMNS) if reference_cached else []))
-                for k, v in prepared.datasets.items()}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": cfg.to_dict(), "model_path": prepared.model_path, "run_dir": str(run_dir),
-                           "has_eval": "eval" in prepared.datasets, "reference_cached": reference_cached,
+                           "has_eval": prepared.has_eval, "reference_cached": reference_cached,
+                           **prepared.pair_files(),  # workers memory-map the prepared files
                            "storage_root": root or str(run_dir)},  # where rank 0's outputs go
         torch_config=TorchConfig(backend="nccl" if cfg.run.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -200,10 +209,8 @@ def fit(cfg: Config, run_dir: Path, prepared: Prepared, *, storage: str, started
             failure_config=faults.failure_config(cfg),  # max_failures, and a bounded wait for nodes
             callbacks=callbacks,
         ),
-        datasets=datasets,
-        # Every worker gets every pair and picks its own by index (see train/sampler.py): exact
-        # resume and batch invariance need a fixed order, which streaming splits do not give.
-        dataset_config=DataConfig(datasets_to_split=[]),
+        # No Ray Datasets: every worker memory-maps the prepared files and picks its pairs by
+        # position (train/sampler.py), a fixed order that exact resume and batch invariance need.
     )
     result = faults.fit(trainer, cfg)  # trainer.fit(), with a clear message when nodes did not come back
     if result.error:

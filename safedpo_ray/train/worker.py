@@ -26,7 +26,6 @@ from safedpo_ray.algorithm import (
 )
 from safedpo_ray.config import Config, config_from_dict
 from safedpo_ray.loss import uses_reference
-from safedpo_ray.data.reference import REF_COLUMNS
 from safedpo_ray.data.tokenize import collate_pairs
 from safedpo_ray.models import (
     apply_lora,
@@ -38,34 +37,9 @@ from safedpo_ray.models import (
 )
 from safedpo_ray.storage import RunOutputs, current_node_id
 from safedpo_ray.train.metrics_log import MetricsLog
+from safedpo_ray.train.pairs import PairTable
 from safedpo_ray.train.sampler import PairSampler
 from safedpo_ray.train.strategy import DeepSpeedStrategy
-
-PAIR_COLUMNS = ("pair_id", "prompt_ids", "chosen_ids", "rejected_ids", "chosen_unsafe", "rejected_unsafe")
-
-
-def load_pairs(shard) -> list[dict[str, Any]]:
-    """The whole tokenized split in memory, ordered by pair_id (Ray Data's block order varies;
-    the sampler needs a fixed order for exact resume). Cached reference log-probs come along."""
-    rows: list[dict[str, Any]] = []
-    for batch in shard.iter_batches(batch_size=1024, batch_format="numpy"):
-        n = len(batch["pair_id"])
-        refs = [k for k in REF_COLUMNS if k in batch]
-        for i in range(n):
-            rows.append(
-                {
-                    "pair_id": int(batch["pair_id"][i]),
-                    "prompt_ids": np.asarray(batch["prompt_ids"][i]).tolist(),
-                    "chosen_ids": np.asarray(batch["chosen_ids"][i]).tolist(),
-                    "rejected_ids": np.asarray(batch["rejected_ids"][i]).tolist(),
-                    "chosen_unsafe": bool(batch["chosen_unsafe"][i]),
-                    "rejected_unsafe": bool(batch["rejected_unsafe"][i]),
-                    **{k: float(batch[k][i]) for k in refs},
-                }
-            )
-    rows.sort(key=lambda r: r["pair_id"])
-    return rows
-
 
 def total_steps_for(cfg: Config, sampler: PairSampler) -> int:
     steps = cfg.train.epochs * sampler.steps_per_epoch
@@ -115,11 +89,15 @@ class Worker:
         elif not self.reference_cached and uses_reference(cfg.train.loss):  # SimPO needs none
             reference = make_reference_copy(model)
 
-        self.train_rows = load_pairs(ray.train.get_dataset_shard("train"))
-        self.eval_rows = load_pairs(ray.train.get_dataset_shard("eval")) if loop_config["has_eval"] else []
+        # The prepared splits, memory-mapped (token ids stay in the files' pages), with their
+        # cached reference log-probs row for row.
+        refs = loop_config.get("reference") or {}
+        self.train_pairs = PairTable(loop_config["pairs"]["train"], refs.get("train"))
+        self.eval_pairs = (PairTable(loop_config["pairs"]["eval"], refs.get("eval"))
+                           if loop_config["has_eval"] else None)
         s = self.strategy
         self.sampler = PairSampler(
-            len(self.train_rows), global_batch_size=cfg.train.global_batch_size,
+            len(self.train_pairs), global_batch_size=cfg.train.global_batch_size,
             micro_batch_size=cfg.train.micro_batch_size, world_size=s.world_size, rank=s.rank,
             seed=cfg.train.seed,
         )
@@ -143,20 +121,21 @@ class Worker:
             return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         return self.live_reference_logps(batch)
 
-    def collate(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = collate_pairs(rows, self.pad_id)
-        if "ref_chosen_logps" in rows[0]:
+    def collate(self, pairs: PairTable, positions: list[int]) -> dict[str, torch.Tensor]:
+        columns = pairs.batch(positions)
+        batch = collate_pairs(columns, self.pad_id)
+        if "ref_chosen_logps" in columns:
             for key in ("ref_chosen_logps", "ref_rejected_logps"):
-                batch[key] = torch.tensor([r[key] for r in rows], dtype=torch.float32)
+                batch[key] = torch.as_tensor(columns[key], dtype=torch.float32)
         return {k: v.to(self.strategy.device) for k, v in batch.items()}
 
-    def rank_batches(self, rows: list[dict[str, Any]]):
+    def rank_batches(self, n: int):
         """This rank's strided share of `rows` in micro-batches, as (indices, real). Every rank
         gets the same number of batches (ZeRO-3 forwards are collective: a rank with a batch
         fewer would hang the others); padding batches repeat row 0 and are marked not real."""
         s, mb = self.strategy, self.cfg.train.micro_batch_size
-        mine = list(range(s.rank, len(rows), s.world_size))
-        per_rank = -(-len(rows) // s.world_size)
+        mine = list(range(s.rank, n, s.world_size))
+        per_rank = -(-n // s.world_size)
         for b in range(-(-per_rank // mb)):
             idx = mine[b * mb : (b + 1) * mb]
             yield (idx, True) if idx else ([0], False)
@@ -166,8 +145,8 @@ class Worker:
         sums = MetricSums()
         self.engine.eval()
         with torch.no_grad():
-            for idx, real in self.rank_batches(self.eval_rows):
-                batch = self.collate([self.eval_rows[i] for i in idx])
+            for idx, real in self.rank_batches(len(self.eval_pairs) if self.eval_pairs else 0):
+                batch = self.collate(self.eval_pairs, idx)
                 _, per_example = safedpo_forward(
                     self.engine, self.reference_logps, batch, self.cfg.train.beta, self.cfg.train.delta,
                     **loss_options(self.cfg.train),
@@ -183,8 +162,7 @@ class Worker:
         lr = self.strategy.current_lr()  # the rate this step uses (the scheduler moves after it)
         sums, tokens = MetricSums(), 0
         for micro in range(self.sampler.accumulation_steps):
-            rows = [self.train_rows[i] for i in self.sampler.indices(step, micro)]
-            batch = self.collate(rows)
+            batch = self.collate(self.train_pairs, self.sampler.indices(step, micro))
             loss, per_example = safedpo_forward(
                 self.engine, self.reference_logps, batch, self.cfg.train.beta, self.cfg.train.delta,
                 **loss_options(self.cfg.train),
@@ -239,7 +217,7 @@ class Worker:
         slots = torch.zeros(self.cfg.train.global_batch_size, dtype=torch.float64)
         for micro in range(sampler.accumulation_steps):
             for j, i in enumerate(sampler.indices(step, micro)):
-                slots[(micro * s.world_size + s.rank) * mb + j] = self.train_rows[i]["pair_id"] + 1
+                slots[(micro * s.world_size + s.rank) * mb + j] = float(self.train_pairs.pair_ids[i]) + 1
         slots = s.all_reduce_sum(slots)
         if s.is_rank0:
             self.outputs.append("pairs.jsonl", {"step": done, "epoch": sampler.epoch_of(step),
@@ -265,7 +243,8 @@ class Worker:
             self.outputs.restore(start)  # logs cut back to this checkpoint: no step is logged twice
             log = MetricsLog(self.run_dir, total_steps=self.total_steps, tensorboard=cfg.run.tensorboard,
                              mlflow_tracking_uri=cfg.run.mlflow_tracking_uri, run_name=self.run_dir.name)
-            print(f"[safedpo] {len(self.train_rows)} train pairs, {len(self.eval_rows)} held-out pairs, "
+            print(f"[safedpo] {len(self.train_pairs)} train pairs, "
+                  f"{len(self.eval_pairs) if self.eval_pairs else 0} held-out pairs, "
                   f"{self.total_steps} steps, {s.world_size} workers, ZeRO-{cfg.train.zero_stage}"
                   + (f", resuming at step {start}" if start else ""), flush=True)
         if "eval_before" not in state:

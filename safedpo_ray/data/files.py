@@ -1,0 +1,435 @@
+"""Where rows come from: resolve a source into files and read chunks of them, tolerating bad bytes.
+
+A source is 'synthetic', a file, a directory or glob of shards, a URI that pyarrow opens
+(`s3://`, `gs://`, `file://`), or a hub dataset id. It becomes a list of `Chunk`s, each a unit
+one read task handles: a byte range of a large `.jsonl` file, a row group of a parquet file, or a
+whole file of a format that cannot be split (`.json`, `.csv`, anything gzipped). `read_chunk`
+yields the chunk's rows as dicts with their 1-based `row_number` in the file; a row that cannot be
+decoded or parsed is yielded as `{"__invalid__": reason}` so that only it is quarantined.
+
+Everything here is plain Python and pyarrow: the same reader serves Ray Data read tasks
+(data/stream.py) and the small in-memory reads of evaluation and SFT (`read_rows`).
+"""
+
+from __future__ import annotations
+
+import csv
+import fnmatch
+import glob
+import gzip
+import io
+import json
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from safedpo_ray.errors import UserError
+
+SYNTHETIC = "synthetic"
+FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+BOM = b"\xef\xbb\xbf"
+MAX_ROW_BYTES = 8 * 2**20
+
+
+class SourceError(UserError):
+    """The source as a whole cannot be read; the message says why and what is accepted."""
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    uri: str  # an absolute local path or a URI pyarrow opens
+    fmt: str
+    compressed: bool
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One read task's share. `start`/`end`: a byte range of an uncompressed .jsonl file (the
+    rows whose line starts inside it), or a parquet row-group range; -1: the whole file.
+    `first_row`: the row number of the chunk's first row when it is known in advance (0: counted
+    by `read_chunk` from the newline counts in `lines_before`)."""
+
+    file_index: int
+    uri: str
+    fmt: str  # jsonl, json, csv, parquet, hub, synthetic
+    compressed: bool = False
+    start: int = -1
+    end: int = -1
+    lines_before: int = 0  # newlines in [0, start) of a split .jsonl file
+    first_row: int = 1
+    split: str = "hash"  # "train", "eval", or "hash": by prompt hash (data.eval_fraction)
+    options: dict = field(default_factory=dict, hash=False, compare=False)
+
+
+def file_format(name: str) -> tuple[str, bool] | None:
+    """(format, gzipped) from a file name, or None for a name we do not read."""
+    lower = name.lower()
+    compressed = lower.endswith(".gz")
+    if compressed:
+        lower = lower[:-3]
+    fmt = FORMATS.get(os.path.splitext(lower)[1])
+    if fmt is None or (compressed and fmt == "parquet"):
+        return None
+    return fmt, compressed
+
+
+def _is_uri(source: str) -> bool:
+    return "://" in source
+
+
+def _filesystem(uri: str):
+    """(pyarrow filesystem, path inside it)."""
+    import pyarrow.fs as pafs
+
+    if _is_uri(uri):
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def _join_uri(uri: str, path: str) -> str:
+    """The URI of `path` (a path inside the filesystem of `uri`)."""
+    if not _is_uri(uri):
+        return path
+    scheme = uri.split("://", 1)[0]
+    return f"{scheme}://{path.lstrip('/')}" if scheme != "file" else f"file://{path}"
+
+
+def is_hub_id(source: str) -> bool:
+    return (source != SYNTHETIC and not _is_uri(source) and not Path(source).exists()
+            and not any(c in source for c in "*?[") and source.count("/") == 1
+            and not source.startswith((".", "/")))
+
+
+def resolve_files(source: str) -> list[SourceFile]:
+    """The files of a local or remote file, directory or glob, sorted by path. One sentence and
+    SourceError when there are none, a file is of an unknown type or empty."""
+    import pyarrow.fs as pafs
+
+    glob_chars = any(c in source for c in "*?[")
+    fs, path = _filesystem(source)
+    infos: list = []
+    if glob_chars:
+        if _is_uri(source):
+            base = path[: min(path.find(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
+            listed = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+            infos = [i for i in listed if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path)]
+        else:
+            infos = fs.get_file_info(sorted(glob.glob(path, recursive=True)))
+            infos = [i for i in infos if i.type == pafs.FileType.File]
+        if not infos:
+            raise SourceError(f"data source '{source}': the pattern matches no file")
+    else:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise SourceError(f"data source '{source}' does not exist")
+        if info.type == pafs.FileType.Directory:
+            listed = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+            infos = [i for i in listed if i.type == pafs.FileType.File and file_format(i.base_name)
+                     and not i.base_name.startswith((".", "_"))]
+            if not infos:
+                raise SourceError(f"data source '{source}' is a directory with no .jsonl, .json, .csv or "
+                                  ".parquet files (gzipped text files too)")
+        else:
+            infos = [info]
+    files = []
+    for info in sorted(infos, key=lambda i: i.path):
+        kind = file_format(info.base_name)
+        if kind is None:
+            raise SourceError(f"{info.path}: unknown file type; use .jsonl, .json, .csv or .parquet "
+                              "(.jsonl.gz, .json.gz, .csv.gz too), a directory or a glob of them")
+        if not info.size:
+            raise SourceError(f"{_join_uri(source, info.path)}: the file is empty")
+        files.append(SourceFile(uri=_join_uri(source, info.path), fmt=kind[0], compressed=kind[1],
+                                size=int(info.size), mtime_ns=int(info.mtime_ns or 0)))
+    return files
+
+
+def _open(uri: str):
+    """A buffered binary reader for a local path or URI."""
+    if not _is_uri(uri):
+        return open(uri, "rb")
+    fs, path = _filesystem(uri)
+    return io.BufferedReader(fs.open_input_file(path), buffer_size=2**20)
+
+
+def _open_text_bytes(chunk: Chunk):
+    raw = _open(chunk.uri)
+    return gzip.GzipFile(fileobj=raw) if chunk.compressed else raw
+
+
+# --------------------------------------------------------------------------- chunking
+
+
+def count_newlines(uri: str, start: int, end: int) -> int:
+    """Newlines in bytes [start, end) of an uncompressed file."""
+    n = 0
+    with _open(uri) as f:
+        f.seek(start)
+        left = end - start
+        while left > 0:
+            block = f.read(min(left, 8 * 2**20))
+            if not block:
+                break
+            n += block.count(b"\n")
+            left -= len(block)
+    return n
+
+
+def _parquet_chunks(index: int, sf: SourceFile, split: str) -> list[Chunk]:
+    import pyarrow.parquet as pq
+
+    with _open(sf.uri) as f:
+        meta = pq.ParquetFile(f).metadata
+    chunks, first = [], 1
+    for g in range(meta.num_row_groups):
+        rows = meta.row_group(g).num_rows
+        chunks.append(Chunk(index, sf.uri, "parquet", start=g, end=g + 1, first_row=first, split=split))
+        first += rows
+    return chunks or [Chunk(index, sf.uri, "parquet", start=0, end=0, split=split)]
+
+
+def plan_chunks(files: list[SourceFile], *, split: str = "hash", chunk_bytes: int = 64 * 2**20,
+                first_index: int = 0, mapper: Callable = map) -> list[Chunk]:
+    """Chunks of `files`. A large uncompressed .jsonl file is cut into byte ranges; the newlines
+    before each range (for row numbers) are counted through `mapper` (a parallel map on Ray)."""
+    chunks: list[Chunk] = []
+    to_count: list[tuple[int, int, int]] = []  # (chunk position, start, end)
+    for i, sf in enumerate(files, start=first_index):
+        if sf.fmt == "parquet":
+            chunks += _parquet_chunks(i, sf, split)
+        elif sf.fmt == "jsonl" and not sf.compressed and sf.size > chunk_bytes:
+            for start in range(0, sf.size, chunk_bytes):
+                to_count.append((len(chunks), start, min(sf.size, start + chunk_bytes)))
+                chunks.append(Chunk(i, sf.uri, "jsonl", start=start, end=min(sf.size, start + chunk_bytes),
+                                    first_row=0, split=split))
+        else:
+            chunks.append(Chunk(i, sf.uri, sf.fmt, compressed=sf.compressed, split=split))
+    if to_count:
+        counts = list(mapper(lambda job: count_newlines(chunks[job[0]].uri, job[1], job[2]), to_count))
+        before: dict[int, int] = {}
+        for (pos, _, _), n in zip(to_count, counts):
+            c = chunks[pos]
+            chunks[pos] = replace(c, lines_before=before.get(c.file_index, 0))
+            before[c.file_index] = before.get(c.file_index, 0) + n
+    return chunks
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _invalid(reason: str) -> dict[str, Any]:
+    return {"__invalid__": reason}
+
+
+def _parse_json_line(line: bytes, max_row_bytes: int) -> dict[str, Any]:
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return _invalid(f"line is not valid UTF-8 (byte 0x{line[exc.start]:02x} at byte {exc.start + 1})")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return _invalid(f"line is not valid JSON: {exc.msg} at column {exc.colno}")
+    if not isinstance(value, dict):
+        return _invalid(f"line is a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def _read_line(f, limit: int) -> tuple[bytes, int]:
+    """One line (without its end) and its full length; at most `limit` + 1 bytes are kept, the
+    rest of an over-long line is skipped unread into memory."""
+    line = f.readline(limit + 1)
+    length = len(line)
+    if length > limit and not line.endswith(b"\n"):
+        while True:
+            more = f.readline(2**20)
+            length += len(more)
+            if not more or more.endswith(b"\n"):
+                break
+    return line.rstrip(b"\r\n"), length
+
+
+def _jsonl_rows(chunk: Chunk, max_row_bytes: int) -> Iterator[dict[str, Any]]:
+    with _open_text_bytes(chunk) as f:
+        line_no = 1
+        end = chunk.end if chunk.end >= 0 else None
+        if chunk.start > 0:
+            line_no = chunk.lines_before + 1
+            f.seek(chunk.start - 1)
+            if f.read(1) != b"\n":  # mid-line: that line belongs to the previous chunk
+                f.readline()
+                line_no += 1
+        pos = max(chunk.start, 0)
+        while end is None or pos < end:
+            line, length = _read_line(f, max_row_bytes)
+            if not length:
+                break
+            pos += length
+            if line_no == 1 and line.startswith(BOM):
+                line = line[len(BOM):]
+            if length > max_row_bytes:
+                yield {**_invalid(f"row is {length:,} bytes, over data.max_row_bytes ({max_row_bytes:,})"),
+                       "row_number": line_no}
+            elif line.strip():
+                yield {**_parse_json_line(line, max_row_bytes), "row_number": line_no}
+            line_no += 1
+
+
+def _decode_document(data: bytes, what: str) -> str:
+    if data.startswith(BOM):
+        data = data[len(BOM):]
+    # Bad bytes become lone surrogates: only the rows holding them are quarantined.
+    return data.decode("utf-8", errors="surrogateescape")
+
+
+def _has_bad_bytes(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_bad_bytes(k) or _has_bad_bytes(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_bad_bytes(v) for v in value)
+    return False
+
+
+def _json_rows(chunk: Chunk, max_row_bytes: int) -> Iterator[dict[str, Any]]:
+    with _open_text_bytes(chunk) as f:
+        text = _decode_document(f.read(), chunk.uri)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SourceError(f"{chunk.uri}: not valid JSON ({exc.msg} at line {exc.lineno}); "
+                          "one object per line? name the file .jsonl") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise SourceError(f"{chunk.uri}: expected a JSON list of row objects (or {{'data': [...]}})")
+    for i, row in enumerate(data, start=1):
+        if not isinstance(row, dict):
+            yield {**_invalid(f"item is a JSON {type(row).__name__}, not an object"), "row_number": i}
+        elif _has_bad_bytes(row):
+            yield {**_invalid("row holds bytes that are not valid UTF-8"), "row_number": i}
+        else:
+            yield {**row, "row_number": i}
+
+
+_TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
+_BOOL_FIELDS = ("is_response_0_safe", "is_response_1_safe", "chosen_unsafe", "rejected_unsafe")
+_ID_FIELDS = ("better_response_id", "safer_response_id")
+
+
+def csv_types(row: dict[str, Any]) -> dict[str, Any]:
+    """CSV has no types: labels and ids are parsed; anything unparseable stays the string it was,
+    for validation to name."""
+    for k in _BOOL_FIELDS:
+        v = row.get(k)
+        if isinstance(v, str) and v.strip().lower() in _TRUE | _FALSE:
+            row[k] = v.strip().lower() in _TRUE
+        elif v == "":
+            row[k] = None
+    for k in _ID_FIELDS:
+        v = row.get(k)
+        if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+            row[k] = int(v)
+        elif v == "":
+            row[k] = None
+    return row
+
+
+def _csv_rows(chunk: Chunk, max_row_bytes: int) -> Iterator[dict[str, Any]]:
+    csv.field_size_limit(max(max_row_bytes, 2**17))
+    with _open_text_bytes(chunk) as raw:
+        head = raw.read(len(BOM))
+        if head != BOM:
+            raw = io.BufferedReader(_Prepend(head, raw))
+        text = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="")
+        reader = csv.DictReader(text)
+        i = 0
+        while True:
+            i += 1
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                yield {**_invalid(f"CSV record cannot be parsed: {exc}"), "row_number": i}
+                continue
+            if None in row:
+                yield {**_invalid(f"record has {len(reader.fieldnames or []) + len(row[None])} fields, "
+                                  f"the header {len(reader.fieldnames or [])}"), "row_number": i}
+            elif _has_bad_bytes(row):
+                yield {**_invalid("record holds bytes that are not valid UTF-8"), "row_number": i}
+            else:
+                yield {**csv_types(dict(row)), "row_number": i}
+
+
+class _Prepend(io.RawIOBase):
+    """A raw stream that first returns `head`, then the rest of `stream`."""
+
+    def __init__(self, head: bytes, stream):
+        self.head, self.stream = head, stream
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if self.head:
+            n = min(len(b), len(self.head))
+            b[:n], self.head = self.head[:n], self.head[n:]
+            return n
+        data = self.stream.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+def _parquet_rows(chunk: Chunk, max_row_bytes: int) -> Iterator[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    with _open(chunk.uri) as f:
+        pf = pq.ParquetFile(f)
+        groups = list(range(chunk.start, chunk.end)) if chunk.start >= 0 else None
+        i = chunk.first_row
+        for batch in pf.iter_batches(batch_size=1024, row_groups=groups):
+            for row in batch.to_pylist():
+                yield {**row, "row_number": i}
+                i += 1
+
+
+def _hub_rows(chunk: Chunk, max_row_bytes: int) -> Iterator[dict[str, Any]]:
+    import datasets
+
+    o = chunk.options
+    try:
+        args = (chunk.uri, o["subset"]) if o.get("subset") else (chunk.uri,)
+        ds = datasets.load_dataset(*args, split=o["split"], streaming=True)
+    except Exception as exc:  # the hub, a missing split, or no network: say which source failed
+        raise SourceError(f"could not load hub dataset '{chunk.uri}' split '{o['split']}': {exc}") from exc
+    for i, row in enumerate(ds, start=1):
+        yield {**row, "row_number": i}
+
+
+def _synthetic_rows(chunk: Chunk, max_row_bytes: int) -> Iterator[dict[str, Any]]:
+    from safedpo_ray.data.synthetic import make_synthetic_rows
+
+    o = chunk.options
+    for i, row in enumerate(make_synthetic_rows(o["prompts"], seed=o["seed"], split=o["split"]), start=1):
+        yield {**row, "row_number": i}
+
+
+_READERS = {"jsonl": _jsonl_rows, "json": _json_rows, "csv": _csv_rows, "parquet": _parquet_rows,
+            "hub": _hub_rows, "synthetic": _synthetic_rows}
+
+
+def read_chunk(chunk: Chunk, *, max_row_bytes: int = MAX_ROW_BYTES) -> Iterator[dict[str, Any]]:
+    """The rows of a chunk, numbered; undecodable rows as `{"__invalid__": reason}`."""
+    try:
+        yield from _READERS[chunk.fmt](chunk, max_row_bytes)
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:  # a truncated .gz, a vanished file
+        raise SourceError(f"{chunk.uri}: cannot be read ({exc})") from exc

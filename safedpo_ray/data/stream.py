@@ -1,0 +1,338 @@
+"""The training data pipeline as one streaming Ray Data job: read → validate → split → T → tokenize.
+
+    chunks (files, byte ranges, row groups)          data/files.py, planned on the driver
+      └─ read + validate + held-out split (by prompt hash)   one Ray Data task per chunk
+          └─ T + tokenize                             fused into the same task
+              └─ the driver streams the result into train.arrow / eval.arrow / quarantine.jsonl
+
+No list of rows is built anywhere: tasks yield Arrow batches of at most `BATCH` rows, the driver
+iterates them (bounded by Ray Data's backpressure) and appends each batch to Arrow IPC files that
+training workers memory-map (train/pairs.py). Statistics are counts, updated per batch. The
+output order is the chunks' order (`preserve_order`), so a prepared split is the same file
+whichever node read which chunk; each row keeps its file and row number (`pair_id` encodes both).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import time
+from dataclasses import asdict
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from safedpo_ray.data.files import Chunk, read_chunk
+from safedpo_ray.data.schema import PKU_FIELDS, SchemaError, detect_schema, to_pku, validate_row
+from safedpo_ray.data.sources import prompt_in_eval
+from safedpo_ray.data.transform import pair_category, transform_with_outcome
+from safedpo_ray.errors import UserError
+
+BATCH = 1024
+ROW_BITS = 32  # pair_id = file_index << 32 | row_number: unique over every file of a run's sources
+RAW_LIMIT = 4000  # characters of a bad row kept in quarantine.jsonl
+
+PAIR_SCHEMA = pa.schema([
+    ("pair_id", pa.int64()),
+    ("prompt_ids", pa.list_(pa.int32())),
+    ("chosen_ids", pa.list_(pa.int32())),
+    ("rejected_ids", pa.list_(pa.int32())),
+    ("chosen_unsafe", pa.bool_()),
+    ("rejected_unsafe", pa.bool_()),
+    ("prompt", pa.string()),
+])
+PAIR_COLUMNS = [f.name for f in PAIR_SCHEMA]
+
+_OUT_SCHEMA = pa.schema([
+    ("pair_id", pa.int64()), ("file_index", pa.int32()), ("row_number", pa.int64()),
+    ("split", pa.string()), ("status", pa.string()), ("reasons", pa.string()), ("raw", pa.string()),
+    ("dup", pa.int64()), ("category", pa.string()), ("outcome", pa.string()),
+    *[f for f in PAIR_SCHEMA if f.name not in ("pair_id",)],
+    ("prompt_truncated", pa.bool_()), ("chosen_truncated", pa.bool_()), ("rejected_truncated", pa.bool_()),
+])
+
+
+class DataError(UserError):
+    """Invalid data in strict mode, or no usable pairs; the message names the row."""
+
+
+def pair_id(file_index: int, row_number: int) -> int:
+    return (int(file_index) << ROW_BITS) | int(row_number)
+
+
+def row_location(pid: int) -> tuple[int, int]:
+    """(file index, row number) of a pair_id."""
+    return int(pid) >> ROW_BITS, int(pid) & ((1 << ROW_BITS) - 1)
+
+
+# --------------------------------------------------------------------------- per row
+
+
+def check_row(row: dict[str, Any], schema: str) -> tuple[dict[str, Any] | None, list[str]]:
+    """(the row in PKU form, []) or (None, reasons). With schema 'auto' each row is matched to
+    the schema its columns fit, else checked against the closest one (naming what is missing)."""
+    if "__invalid__" in row:
+        return None, [row["__invalid__"]]
+    fields = {k: v for k, v in row.items() if k != "row_number"}
+    kind = schema
+    if schema == "auto":
+        try:
+            kind = detect_schema(fields)
+        except SchemaError:
+            kind = closest_schema(fields)
+    reasons = validate_row(fields, kind)
+    if reasons:
+        return None, reasons
+    return to_pku(fields, kind), []
+
+
+def closest_schema(columns) -> str:
+    from safedpo_ray.data.schema import SCHEMAS
+
+    cols = set(columns)
+    return min(("pku", "pairwise"), key=lambda n: (sum(f not in cols for f in SCHEMAS[n]), n != "pku"))
+
+
+def _dup_key(pku: dict[str, Any]) -> int:
+    text = "\x1f".join(str(pku[k]) for k in PKU_FIELDS)
+    digest = hashlib.blake2b(text.encode("utf-8", errors="surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def _raw(row: dict[str, Any]) -> str:
+    text = json.dumps({k: v for k, v in row.items() if k not in ("row_number", "__invalid__")},
+                      default=str, ensure_ascii=True)
+    return text if len(text) <= RAW_LIMIT else text[:RAW_LIMIT] + "…"
+
+
+# --------------------------------------------------------------------------- Ray Data operators
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(path: str, trust_remote_code: bool):
+    from safedpo_ray.models import load_tokenizer
+    from safedpo_ray.storage import localize
+
+    return load_tokenizer(localize(path), trust_remote_code=trust_remote_code)
+
+
+def _build_batch(records: list[dict[str, Any]], p: dict[str, Any]) -> pa.Table:
+    """T and tokenization of one batch of checked rows; one output row per input row."""
+    from safedpo_ray.data.tokenize import tokenize_pairs
+
+    cols: dict[str, list] = {f.name: [] for f in _OUT_SCHEMA}
+    pairs, owners = [], []
+    for r in records:
+        pku = r.pop("pku", None)
+        out = {**{k: None for k in cols}, **r}
+        if pku is not None:
+            mode = p["mode"] if r["split"] == "train" else "safedpo"
+            pair, outcome = transform_with_outcome(pku, mode)
+            out.update(category=pair_category(pku), outcome=outcome)
+            if pair is not None:
+                owners.append(len(cols["pair_id"]))
+                pairs.append(pair)
+        for k in cols:
+            cols[k].append(out.get(k))
+    if pairs:
+        tok = tokenize_pairs({k: [q[k] for q in pairs] for k in ("prompt", "chosen", "rejected")},
+                             _tokenizer(p["tokenizer"], p["trust_remote_code"]),
+                             max_length=p["max_length"], max_prompt_length=p["max_prompt_length"])
+        for j, i in enumerate(owners):
+            for k in ("prompt_ids", "chosen_ids", "rejected_ids", "prompt_truncated", "chosen_truncated",
+                      "rejected_truncated"):
+                cols[k][i] = tok[k][j]
+            cols["chosen_unsafe"][i] = pairs[j]["chosen_unsafe"]
+            cols["rejected_unsafe"][i] = pairs[j]["rejected_unsafe"]
+            cols["prompt"][i] = pairs[j]["prompt"]
+    return pa.table(cols, schema=_OUT_SCHEMA)
+
+
+def process_chunk(chunk: Chunk, p: dict[str, Any]) -> Iterator[pa.Table]:
+    """Read, check, split, transform and tokenize one chunk, in batches of at most BATCH rows."""
+    records: list[dict[str, Any]] = []
+    for row in read_chunk(chunk, max_row_bytes=p["max_row_bytes"]):
+        number = int(row.get("row_number", 0))
+        pku, reasons = check_row(row, p["schema"])
+        split = chunk.split
+        if split == "hash":
+            prompt = (pku or row).get("prompt")
+            split = "eval" if prompt_in_eval(prompt, p["eval_fraction"]) else "train"
+        rec = {"pair_id": pair_id(chunk.file_index, number), "file_index": chunk.file_index,
+               "row_number": number, "split": split}
+        if reasons:
+            if p["strict"]:
+                raise DataError(f"{split} data, {chunk.uri}, row {number}: {'; '.join(reasons)}")
+            rec.update(status="quarantined", reasons=json.dumps(reasons), raw=_raw(row))
+        else:
+            rec.update(status="ok", dup=_dup_key(pku), pku=pku)
+        records.append(rec)
+        if len(records) >= BATCH:
+            yield _build_batch(records, p)
+            records = []
+    if records:
+        yield _build_batch(records, p)
+
+
+def _process_batch(batch: dict[str, np.ndarray], p: dict[str, Any]) -> Iterator[pa.Table]:
+    for spec in batch["chunk"]:
+        d = json.loads(spec)
+        yield from process_chunk(Chunk(**d), p)
+
+
+# --------------------------------------------------------------------------- the driver's side
+
+
+class SplitWriter:
+    """Pairs of one split appended to an Arrow IPC file (memory-mappable by the workers)."""
+
+    def __init__(self, path):
+        self.path, self.rows, self._writer = path, 0, None
+
+    def write(self, table: pa.Table) -> None:
+        if not table.num_rows:
+            return
+        if self._writer is None:
+            self._writer = pa.ipc.new_file(str(self.path), PAIR_SCHEMA)
+        self._writer.write_table(table.select(PAIR_COLUMNS).cast(PAIR_SCHEMA))
+        self.rows += table.num_rows
+
+    def close(self) -> None:
+        if self._writer is None:  # an empty split is still a valid (empty) file
+            self._writer = pa.ipc.new_file(str(self.path), PAIR_SCHEMA)
+        self._writer.close()
+
+
+class Tally:
+    """The statistics of data_stats.json, as counts updated per batch."""
+
+    def __init__(self, modes: dict[str, str]):
+        self.modes = modes
+        self.splits: dict[str, dict[str, Any]] = {}
+        self.seen: dict[str, dict[int, int]] = {"train": {}, "eval": {}}  # dup key → first pair_id
+        self.rows = self.quarantined = 0
+
+    def split(self, name: str) -> dict[str, Any]:
+        return self.splits.setdefault(name, {
+            "mode": self.modes[name], "rows_read": 0, "rows_quarantined": 0, "rows_duplicate": 0,
+            "transform": {}, "pairs": 0, "truncated": {"prompt": 0, "chosen": 0, "rejected": 0},
+            "pair_types": {}})
+
+    def add(self, t: pa.Table, names: list[str]) -> tuple[dict[str, pa.Table], list[dict[str, Any]]]:
+        """Count a batch; return its pairs per split and its quarantine entries (bad rows and
+        duplicates of an earlier row of the same split)."""
+        d = t.select(["pair_id", "split", "status", "dup", "category", "outcome", "reasons", "raw",
+                      "file_index", "row_number", "chosen_unsafe", "rejected_unsafe", "prompt_truncated",
+                      "chosen_truncated", "rejected_truncated"]).to_pydict()
+        keep = {"train": [], "eval": []}
+        quarantine = []
+        for i in range(t.num_rows):
+            split = d["split"][i]
+            s = self.split(split)
+            s["rows_read"] += 1
+            self.rows += 1
+            if d["status"][i] != "ok":
+                s["rows_quarantined"] += 1
+                quarantine.append({"split": split, "file": names[d["file_index"][i]],
+                                   "row_number": d["row_number"][i], "reasons": json.loads(d["reasons"][i]),
+                                   "row": d["raw"][i]})
+                continue
+            first = self.seen[split].setdefault(d["dup"][i], d["pair_id"][i])
+            if first != d["pair_id"][i]:
+                s["rows_quarantined"] += 1
+                s["rows_duplicate"] += 1
+                f, n = row_location(first)
+                quarantine.append({"split": split, "file": names[d["file_index"][i]],
+                                   "row_number": d["row_number"][i],
+                                   "reasons": [f"duplicate of row {n} of {names[f]}"], "row": None})
+                continue
+            counts = s["transform"].setdefault(d["category"][i], {})
+            counts[d["outcome"][i]] = counts.get(d["outcome"][i], 0) + 1
+            if d["outcome"][i] == "discarded":
+                continue
+            keep[split].append(i)
+            s["pairs"] += 1
+            for k in ("prompt", "chosen", "rejected"):
+                s["truncated"][k] += int(bool(d[f"{k}_truncated"][i]))
+            kind = f"{'unsafe' if d['chosen_unsafe'][i] else 'safe'}_{'unsafe' if d['rejected_unsafe'][i] else 'safe'}"
+            s["pair_types"][kind] = s["pair_types"].get(kind, 0) + 1
+        self.quarantined += len(quarantine)
+        return {k: t.take(v) for k, v in keep.items() if v}, quarantine
+
+
+class Progress:
+    """One line for preparation: rows, rows/s, quarantined so far (every few seconds)."""
+
+    def __init__(self, every_s: float = 5.0, enabled: bool = True):
+        self.t0 = self.last = time.perf_counter()
+        self.every_s, self.enabled = every_s, enabled
+
+    def update(self, tally: Tally, final: bool = False) -> None:
+        now = time.perf_counter()
+        if not self.enabled or (not final and now - self.last < self.every_s):
+            return
+        self.last = now
+        rate = tally.rows / max(now - self.t0, 1e-9)
+        word = "prepared" if final else "preparing"
+        print(f"[safedpo] {word}: {tally.rows:,} rows read ({rate:,.0f} rows/s), "
+              f"{tally.quarantined:,} quarantined, {now - self.t0:.0f} s", flush=True)
+
+
+def run_pipeline(chunks: list[Chunk], names: list[str], out_dir, params: dict[str, Any], *,
+                 max_rows: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Stream the chunks through Ray Data into out_dir/{train,eval}.arrow and quarantine.jsonl;
+    returns the statistics per split."""
+    import ray.data
+    from ray.data import ExecutionResources
+
+    from pathlib import Path
+
+    out_dir = Path(out_dir)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.execution_options.preserve_order = True  # the prepared order is the chunks' order
+    # What preparation may hold: the CPUs free now (a search's running trials keep theirs).
+    free = int(ray.available_resources().get("CPU", 1))
+    ctx.execution_options.resource_limits = ExecutionResources(cpu=max(1, free))
+    specs = [{"chunk": json.dumps(asdict(c))} for c in chunks]
+    ds = ray.data.from_items(specs, override_num_blocks=len(specs))
+    ds = ds.map_batches(_process_batch, batch_size=1, batch_format="numpy", fn_kwargs={"p": params},
+                        num_cpus=1)
+    if max_rows:
+        ds = ds.limit(max_rows)
+    tally = Tally({"train": params["mode"], "eval": "safedpo"})
+    writers = {s: SplitWriter(out_dir / f"{s}.arrow") for s in ("train", "eval")}
+    bar = Progress(enabled=progress)
+    with (out_dir / "quarantine.jsonl").open("w") as q:
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+                pairs, bad = tally.add(batch, names)
+                for split, table in pairs.items():
+                    writers[split].write(table)
+                for entry in bad:
+                    q.write(json.dumps(entry, default=str) + "\n")
+                bar.update(tally)
+        except Exception as exc:
+            raise _user_cause(exc) from None
+    for w in writers.values():
+        w.close()
+    bar.update(tally, final=True)
+    for split in ("train", "eval"):
+        tally.split(split)
+    return tally.splits
+
+
+def _user_cause(exc: Exception) -> Exception:
+    """A DataError/SourceError raised inside a Ray task, unwrapped (its message is the point)."""
+    seen = exc
+    while seen is not None:
+        cause = getattr(seen, "cause", None) or seen.__cause__
+        if isinstance(cause, UserError) and not type(cause).__module__.startswith("ray"):
+            return type(cause)(str(cause).splitlines()[-1] if "Traceback" in str(cause) else str(cause))
+        if isinstance(seen, UserError) and type(seen).__module__.startswith("safedpo_ray"):
+            return seen
+        seen = cause
+    return exc

@@ -1,0 +1,48 @@
+"""A prepared split as training workers hold it: memory-mapped Arrow, not Python lists.
+
+The token ids stay in the pages of the prepared file (shared by every worker on a node through
+the page cache); a worker holds only what it touches, plus 8 bytes per pair of ids and 16 of
+cached reference log-probs. Positions are the file's row order, fixed once prepared: the sampler's
+exact-resume and batch-invariance contract rests on it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from safedpo_ray.storage import localize
+
+ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
+def open_split(uri: str) -> pa.Table:
+    """The table of a prepared split file, zero-copy from a memory map (object-store files are
+    downloaded once per node first)."""
+    return pa.ipc.open_file(pa.memory_map(localize(uri))).read_all()
+
+
+class PairTable:
+    def __init__(self, uri: str, reference_uri: str | None = None):
+        self.table = open_split(uri)
+        self.pair_ids = self.table.column("pair_id").to_numpy()
+        self.ref: tuple[np.ndarray, np.ndarray] | None = None
+        if reference_uri:
+            ref = open_split(reference_uri)
+            if not np.array_equal(ref.column("pair_id").to_numpy(), self.pair_ids):
+                raise RuntimeError(f"reference log-probs at {reference_uri} do not match the pairs of {uri}")
+            self.ref = (ref.column("ref_chosen_logps").to_numpy(), ref.column("ref_rejected_logps").to_numpy())
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def batch(self, positions: list[int]) -> dict[str, Any]:
+        """Columns of the pairs at `positions`, as collate_pairs takes them."""
+        idx = np.asarray(positions, dtype=np.int64)
+        rows = self.table.select([*ID_COLUMNS, "chosen_unsafe", "rejected_unsafe"]).take(pa.array(idx))
+        out: dict[str, Any] = rows.to_pydict()
+        if self.ref is not None:
+            out["ref_chosen_logps"], out["ref_rejected_logps"] = self.ref[0][idx], self.ref[1][idx]
+        return out
