@@ -28,10 +28,13 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from safedpo_ray.train.preempt import command_guard
     from safedpo_ray.train.trainer import format_summary, train
 
-    summary = train(_load(args))
-    print(format_summary(summary))
+    cfg = _load(args)
+    # SIGTERM/SIGINT: checkpoint, stop, exit 143/130; at the end nothing we started keeps running
+    with command_guard(cfg.run):
+        print(format_summary(train(cfg)))
     return 0
 
 
@@ -78,17 +81,26 @@ def build_parser() -> argparse.ArgumentParser:
     register_tune(sub)
     register_verify(sub)
     __import__("safedpo_ray.jobs", fromlist=["register"]).register(sub)  # submit, jobs (Ray Jobs API)
+    __import__("safedpo_ray.console", fromlist=["x"]).add_verbose_flag(sub)  # --verbose on the Ray commands
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from safedpo_ray import console  # our lines on the console; Ray's and the libraries' in <run>/logs
+
+    console.start(args.command, verbose=getattr(args, "verbose", False))
+    code = 1
     try:
-        return args.fn(args)
+        code = args.fn(args)
+        return code
     except UserError as exc:
         kind = "config error: " if isinstance(exc, ConfigError) else ""
         print(f"safedpo-ray: {kind}{exc}", file=sys.stderr)
-        return getattr(exc, "exit_code", 2)  # jobs: 1 failed, 3 unreachable, 4 no such job
+        code = getattr(exc, "exit_code", 2)
+        return code  # jobs: 1 failed, 3 unreachable, 4 no such job
+    finally:
+        console.finish(failed=code != 0)
 
 
 if __name__ == "__main__":

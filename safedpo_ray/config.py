@@ -173,6 +173,9 @@ class RunConfig:
     """Logical CPUs for a local Ray (default: enough for the workers plus Ray Data tasks)."""
     max_failures: int = 0
     """Worker-group restarts Ray Train may attempt (each resumes from the last checkpoint)."""
+    stop_timeout_s: float = 120.0
+    """After SIGTERM/SIGINT: how long the run may take to save its checkpoint and stop before it is
+    stopped at once (a second signal also stops at once); also a signalled worker's grace period."""
     node_wait_timeout_s: float | None = None
     """How long the workers may wait for the nodes they need (at the start, and after a lost node)
     before the run fails with a message (None: $RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, else 120 s)."""
@@ -303,6 +306,9 @@ def config_tree(path: str | Path | None = None, overrides: list[str] | None = No
     tree = _merge(tree, extra or {})
     for override in overrides or []:
         _set_override(tree, override)
+    from safedpo_ray.secret_guard import check_config_tree
+
+    check_config_tree(tree, ConfigError)  # secrets come from the environment, never from a config
     return tree
 
 
@@ -321,6 +327,9 @@ def config_from_dict(values: dict[str, Any]) -> Config:
 
 
 def check_config(cfg: Config) -> None:
+    from safedpo_ray.config_checks import check_rules
+
+    check_rules(cfg)  # every key's choices and range (config_checks.RULES); cross-key checks below
     d, t, r = cfg.data, cfg.train, cfg.run
     if d.mode not in MODES:
         raise ConfigError(f"'data.mode' must be one of {', '.join(MODES)}, got '{d.mode}'")
@@ -372,6 +381,8 @@ def check_config(cfg: Config) -> None:
     _check_cluster_keys(r)
     if t.step_delay_s < 0:
         raise ConfigError(f"'train.step_delay_s' must be >= 0, got {t.step_delay_s}")
+    if r.stop_timeout_s <= 0:
+        raise ConfigError(f"'run.stop_timeout_s' must be > 0, got {r.stop_timeout_s}")
     if cfg.model.lora.enabled and cfg.model.lora.r < 1:
         raise ConfigError(f"'model.lora.r' must be >= 1, got {cfg.model.lora.r}")
 

@@ -237,7 +237,15 @@ class Session:
             ip = data.get("ip")
             where = "" if ip == data.get("localhost") else f", ip={ip}"
             prefix = f"({who + ' ' if who else ''}pid={pid}{where})"
-            for line in data.get("lines", ()):
+            lines = data.get("lines", ())
+            if pid == "autoscaler":  # the monitor's whole log comes along; Ray prints its events only
+                try:
+                    from ray._private.worker import filter_autoscaler_events
+
+                    lines = list(filter_autoscaler_events(lines))
+                except Exception:  # no Ray to ask which autoscaler this is: keep no dump
+                    lines = []
+            for line in lines:
                 if "__ray_tqdm_magic_token__" in line:
                     continue
                 self.write(f"{prefix} {line}\n")

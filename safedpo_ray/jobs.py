@@ -35,7 +35,9 @@ from safedpo_ray.errors import UserError
 SUBMIT_VERBS = ("train", "tune", "evaluate", "train-scorer", "verify")
 # Never shipped with a job: version control, environments, outputs and caches.
 DEFAULT_EXCLUDES = [".git", ".venv", "venv", "env", "runs", "eval", "scorers", "**/__pycache__", "*.egg-info",
-                    ".pytest_cache", ".mypy_cache", ".cache", "*.safetensors", "*.bin", "*.gguf", "*.pt"]
+                    ".pytest_cache", ".mypy_cache", ".cache", "*.safetensors", "*.bin", "*.gguf", "*.pt",
+                    # files that usually hold secrets: a job's files are readable on the whole cluster
+                    ".env", ".env.*", ".envrc", ".netrc", ".git-credentials", "*.pem", ".aws", ".ssh"]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 AGENT_WAIT_S = 120  # how long submit retries while a just-started cluster has no job agent yet
 TUNNEL_HINT = ("the dashboard/job server is not exposed outside the cluster by default; open a tunnel first: "
@@ -211,12 +213,27 @@ def build_job(command: list[str], *, working_dir: Path, excludes: list[str] | No
         shipped = rel.as_posix()  # the job runs in the shipped copy of working_dir
         args[index] = shipped if args[index] == raw else f"{flag}={shipped}"
     validate(verb, ns, config)
+    from safedpo_ray.secret_guard import assert_not_in, check_job_env
+
+    check_job_env(env or {}, _secret_env_names(verb, ns, config))  # secrets stay in the cluster's own env
     runtime_env: dict[str, Any] = {"working_dir": str(working_dir),
                                    "excludes": DEFAULT_EXCLUDES + list(excludes or [])}
     if env:
         runtime_env["env_vars"] = dict(env)
-    return {"entrypoint": shlex.join(["safedpo-ray", verb, *args]), "runtime_env": runtime_env,
+    entrypoint = shlex.join(["safedpo-ray", verb, *args])
+    assert_not_in({"entrypoint": entrypoint, "runtime_env": runtime_env}, "the job's command line or runtime_env")
+    return {"entrypoint": entrypoint, "runtime_env": runtime_env,
             "verb": verb, "config": config, "namespace": ns}
+
+
+def _secret_env_names(verb: str, ns: argparse.Namespace | None, config: Path | None) -> list[str]:
+    """Variables the job's configuration reads a secret from (evaluate: judge.api_key_env)."""
+    if verb != "evaluate" or ns is None:
+        return []
+    from safedpo_ray.evaluate.commands import eval_flags
+    from safedpo_ray.evaluate.config import load_eval_config
+
+    return [load_eval_config(config, getattr(ns, "overrides", None) or [], eval_flags(ns)).judge.api_key_env or ""]
 
 
 def _env_vars(items: list[str] | None) -> dict[str, str]:
@@ -374,7 +391,8 @@ def register(subparsers) -> None:
     p.add_argument("--working-dir", dest="working_dir", help="directory shipped with the job (default: current)")
     p.add_argument("--exclude", action="append", help="also leave out this path pattern (repeatable)")
     p.add_argument("--env", action="append", metavar="NAME[=VALUE]",
-                   help="environment variable for the job (value from here when not given; repeatable)")
+                   help="environment variable for the job (value from here when not given; repeatable); "
+                        "secrets are refused: give them to the cluster's nodes")
     p.add_argument("--name", help="job id to use (default: generated)")
     p.add_argument("job", nargs=argparse.REMAINDER, metavar="-- VERB ARGS...",
                    help="the safedpo-ray command the cluster runs")

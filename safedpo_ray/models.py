@@ -173,9 +173,12 @@ def load_model(
 
     torch_dtype = resolve_dtype(dtype)
     if not gguf_file:
-        return AutoModelForCausalLM.from_pretrained(
-            localize(name_or_path), dtype=torch_dtype, trust_remote_code=trust_remote_code
-        )  # a storage URI (s3://, gs://) is fetched once per node
+        from safedpo_ray.safe_loading import explain_refused_pickle, weights_kwargs
+
+        source = localize(name_or_path)  # a storage URI (s3://, gs://) is fetched once per node
+        with explain_refused_pickle(name_or_path):  # safetensors, or torch.load(weights_only=True)
+            return AutoModelForCausalLM.from_pretrained(
+                source, dtype=torch_dtype, trust_remote_code=trust_remote_code, **weights_kwargs(source))
 
     kwargs: dict[str, Any] = {}
     try:  # ask for dense weights rather than packed GGUF blocks where the quantizer supports it

@@ -45,6 +45,7 @@ def ensure_ray(run: RunConfig) -> None:
         console.ray_ready(run, started=True)  # workers' output: ours on the console, the rest to a file
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local Ray needs no token
+    _bind_loopback()
     needed = int(run.num_workers * run.cpus_per_worker) + 2
     num_cpus = run.local_num_cpus or max(os.cpu_count() or 1, needed)
     # Ray Train's placement-group cleaner asks the state API (served by the dashboard) whether the
@@ -58,6 +59,20 @@ def ensure_ray(run: RunConfig) -> None:
              dashboard_host="127.0.0.1", dashboard_port=port, runtime_env={"env_vars": env})
     os.environ["RAY_API_SERVER_ADDRESS"] = env["RAY_API_SERVER_ADDRESS"]
     console.ray_ready(run, started=True)
+
+
+def _bind_loopback() -> None:
+    """A local Ray listens on 127.0.0.1 only (without this its GCS, raylet, agents and workers
+    listened on 0.0.0.0/:: and took the machine's network address as the node's). Ray picks the
+    node address with `services.get_node_ip_address()`, which is 127.0.0.1 when
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0; the flag is read once, when ray is imported
+    (`ray_constants.ENABLE_RAY_CLUSTER`), so it is set in the environment (Ray's own processes) and in
+    the imported module. An explicit RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 is left alone."""
+    from ray._private import ray_constants
+
+    os.environ.setdefault(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, "0")
+    if os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] == "0":
+        ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def _free_port() -> int:

@@ -47,7 +47,7 @@ _TOKEN_FORMATS = (
 _SECRET_QUERY = re.compile(r"secret|token|password|passwd|credential|signature|^sig$|^key$|_key$|apikey",
                            re.IGNORECASE)
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_MIN_REDACT = 6  # shorter values (e.g. "testing", "1") are still redacted; only empty-ish ones are not
+_MIN_SECRET = 8  # values shorter than this (a test's "testing", a flag) are too common to look for
 
 
 def is_secret_name(name: str) -> bool:
@@ -80,7 +80,7 @@ def literal_secret_problem(key: str, value: str) -> str | None:
     text = str(value).strip()
     leaf = key.rsplit(".", 1)[-1]
     if leaf.endswith("_env"):
-        if not _ENV_NAME.match(text):
+        if not _ENV_NAME.match(text) or any(p.match(text) for p, _ in _TOKEN_FORMATS):
             return (f"'{key}' names the environment variable that holds the secret (e.g. OPENAI_API_KEY), "
                     f"got '{mask(text)}', which is not a variable name: put the secret in an environment "
                     f"variable and give its name here")
@@ -129,7 +129,7 @@ def secret_values(environ: dict[str, str] | None = None, names: Iterable[str] = 
     """Values of the secret variables set in `environ` (default: this process), longest first."""
     env = os.environ if environ is None else environ
     extra = set(names)
-    found = {v for k, v in env.items() if v and len(v.strip()) >= 4 and (is_secret_name(k) or k in extra)}
+    found = {v for k, v in env.items() if v and len(v.strip()) >= _MIN_SECRET and (is_secret_name(k) or k in extra)}
     return sorted(found, key=len, reverse=True)
 
 

@@ -7,36 +7,66 @@ import sys
 import pytest
 
 from safedpo_ray.config import load_config
-from safedpo_ray.data.pipeline import transform_and_tokenize, validate_rows
-from safedpo_ray.data.sources import read_rows
-from safedpo_ray.models import build_tiny_model
 from safedpo_ray.train.trainer import prepare
 
 pytestmark = pytest.mark.timeout(300)
 
 
+def _pairs(prepared, split="train"):
+    from safedpo_ray.train.pairs import open_split
+
+    return open_split(prepared.data.split(split)).to_pylist()
+
+
 def test_transform_statistics_and_tokenization(ray_local, tmp_path):
-    rows = read_rows("synthetic", synthetic_prompts=40, seed=0)
-    v = validate_rows(rows)
-    texts = [r[k] for r in v.rows for k in ("prompt", "response_0", "response_1")]
-    model = build_tiny_model(tmp_path / "m", texts, seed=0)
-    cfg = load_config(None, ["data.max_length=24", "data.max_prompt_length=8"]).data
-    ds, stats = transform_and_tokenize(v.rows, mode="safedpo", tokenizer_path=str(model), cfg=cfg)
+    def run(mode, *extra):
+        cfg = load_config(None, ["data.synthetic_prompts=40", "data.max_length=24", "data.max_prompt_length=8",
+                                 f"data.mode={mode}", f"run.output_dir={tmp_path}", f"run.name={mode}", *extra])
+        return prepare(cfg, tmp_path / mode)
+
+    prepared = run("safedpo")
+    stats = prepared.stats["train"]
     # 40 rows at the 40/35/10/15 mix: 16 safe-safe, 14 swapped, 4 safe-unsafe kept, 6 discarded
     assert stats["transform"] == {"safe_safe": {"kept": 16}, "unsafe_safe": {"swapped": 14},
                                   "safe_unsafe": {"kept": 4}, "unsafe_unsafe": {"discarded": 6}}
-    assert stats["pairs"] == 34 == ds.count()
+    rows = _pairs(prepared)
+    assert stats["pairs"] == 34 == len(rows)
     assert stats["pair_types"] == {"safe_safe": 16, "safe_unsafe": 18}
-    rows = ds.take_all()
     assert all(len(r["prompt_ids"]) <= 8 for r in rows)
     assert all(len(r["prompt_ids"]) + len(r["chosen_ids"]) <= 24 for r in rows)
-    assert stats["truncated"]["prompt"] == sum(r["prompt_truncated"] for r in rows) > 0
-    assert stats["truncated"]["chosen"] > 0
-    # modes on the same rows
-    _, helpful = transform_and_tokenize(v.rows, mode="helpful", tokenizer_path=str(model), cfg=cfg)
+    assert stats["truncated"]["prompt"] > 0 and stats["truncated"]["chosen"] > 0
+    assert not any(r["chosen_unsafe"] for r in rows)  # T: the chosen response is always safe
+    assert [r["pair_id"] for r in rows] == sorted(r["pair_id"] for r in rows)  # source order
+    # modes on the same rows (each its own preparation: the mode is part of the key)
+    helpful = run("helpful").stats["train"]
     assert helpful["pairs"] == 40 and helpful["pair_types"]["unsafe_safe"] == 14
-    _, safebetter = transform_and_tokenize(v.rows, mode="safebetter", tokenizer_path=str(model), cfg=cfg)
-    assert safebetter["pairs"] == 20
+    assert run("safebetter").stats["train"]["pairs"] == 20
+    # the held-out split always goes through SafeDPO's T
+    assert run("helpful").stats["eval"]["mode"] == "safedpo"
+
+
+def test_prepared_pairs_are_reused_and_prepared_anew_when_an_input_changes(ray_local, tmp_path):
+    good = {"prompt": "How do I bake bread?", "response_0": "Mix flour and water, knead, bake.",
+            "response_1": "I can't help.", "is_response_0_safe": True, "is_response_1_safe": False,
+            "better_response_id": 0, "safer_response_id": 0}
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({**good, "prompt": f"q{i}"}) + "\n" for i in range(40)))
+    base = [f"data.source={data}", "data.eval_fraction=0.2", f"run.output_dir={tmp_path}"]
+
+    def run(name, *extra):
+        return prepare(load_config(None, base + [f"run.name={name}", *extra]), tmp_path / name)
+
+    first = run("a")
+    assert not first.data.reused and first.stats["train"]["pairs"] + first.stats["eval"]["pairs"] == 40
+    again = run("b")
+    assert again.data.reused and again.data.key == first.data.key and again.data.seconds < 2
+    assert run("c", "data.max_length=400").data.key != first.data.key  # a setting that changes the pairs
+    assert run("d", "data.tokenize_batch_size=7").data.key == first.data.key  # one that does not
+    with data.open("a") as f:  # the source changed
+        f.write(json.dumps({**good, "prompt": "one more"}) + "\n")
+    changed = run("e")
+    assert changed.data.key != first.data.key and not changed.data.reused
+    assert changed.stats["train"]["rows_read"] + changed.stats["eval"]["rows_read"] == 41
 
 
 def test_prepare_quarantines_and_writes_statistics(ray_local, tmp_path):
@@ -74,7 +104,8 @@ def test_cli_prepare_writes_prepared_pairs(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "swapped 14" in out.stdout and "discarded 6" in out.stdout
-    assert list((tmp_path / "p" / "prepared" / "train").glob("*.parquet"))
+    prepared = list((tmp_path / ".cache" / "prepared").glob("*/train.arrow"))
+    assert len(prepared) == 1 and str(prepared[0].parent) in out.stdout
 
 
 def test_gpus_asked_of_a_local_ray_without_them_fail_fast(ray_local, tmp_path):

@@ -76,31 +76,30 @@ def test_grid_writes_results_and_shares_one_reference_pass(ray_local, tmp_path):
 def test_reference_pass_is_reused_on_the_same_inputs_and_recomputed_when_they_change(ray_local, tmp_path):
     import torch
 
-    from safedpo_ray.data.reference import with_reference_logps
+    from safedpo_ray.data.prepared import cache_base
+    from safedpo_ray.data.reference import reference_logps
     from safedpo_ray.models import load_model, load_tokenizer
+    from safedpo_ray.train.pairs import PairTable
     from safedpo_ray.train.trainer import attach_reference, prepare
 
     def prepared(name, *extra):
         cfg = load_config(None, SMALL + [f"run.output_dir={tmp_path}", f"run.name={name}", *extra])
         p = prepare(cfg, tmp_path / name)
-        plain = dict(p.datasets)
-        attach_reference(cfg, p)
-        return cfg, p, plain
+        attach_reference(cfg, p, shared=True)
+        return cfg, p
 
-    cfg, first, plain = prepared("first")
+    cfg, first = prepared("first")
     assert first.reference.computed and first.reference.pairs > 0
-    columns = first.datasets["train"].columns()
-    assert "ref_chosen_logps" in columns and "ref_rejected_logps" in columns
-    _, second, _ = prepared("second")
+    table = PairTable(first.data.split("train"), first.reference.split("train"))
+    assert table.ref is not None and len(table.ref[0]) == len(table) and (table.ref[0] < 0).all()
+    _, second = prepared("second")
     assert not second.reference.computed and second.reference.key == first.reference.key
-    a = first.datasets["train"].to_pandas().sort_values("pair_id")
-    b = second.datasets["train"].to_pandas().sort_values("pair_id")
-    assert a["ref_chosen_logps"].tolist() == b["ref_chosen_logps"].tolist()
+    assert second.data.reused and second.data.key == first.data.key
     # a search on the same inputs reuses it too
     again = experiment(tmp_path, "again", {"train.beta": {"grid": [0.2]}})
     assert again["reference"]["computed"] is False and again["reference"]["key"] == first.reference.key
     # a changed max_length computes anew
-    _, longer, _ = prepared("longer", "data.max_length=120")
+    _, longer = prepared("longer", "data.max_length=120")
     assert longer.reference.computed and longer.reference.key != first.reference.key
     # so does another reference model on the very same pairs
     other = tmp_path / "other-model"
@@ -110,10 +109,11 @@ def test_reference_pass_is_reused_on_the_same_inputs_and_recomputed_when_they_ch
             param.mul_(1.01)
     model.save_pretrained(other)
     load_tokenizer(first.model_path).save_pretrained(other)
-    _, info = with_reference_logps(plain, model_path=str(other), precision="fp32", cache_root=tmp_path / "cache",
-                                   max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
-                                   batch_size=2, num_actors=1)
+    info = reference_logps(first.data, model_path=str(other), precision="fp32", cache_base=cache_base(cfg.run),
+                           local_base=tmp_path / "local", batch_size=2, num_actors=1)
     assert info.computed and info.key != first.reference.key
+    other_logps = PairTable(first.data.split("train"), info.split("train")).ref[0]
+    assert not (other_logps == table.ref[0]).all()
 
 
 def test_failed_trial_is_reported_and_others_complete(ray_local, tmp_path):

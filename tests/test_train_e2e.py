@@ -101,8 +101,13 @@ def test_accumulation_invariance(ray_local, tmp_path):
 
 
 def test_cached_reference_equals_live_reference(ray_local, tmp_path):
-    cached = run(tmp_path, "cached", "train.max_steps=3", "train.epochs=2")
-    live = run(tmp_path, "live", "train.max_steps=3", "train.epochs=2", "train.cache_reference=false")
+    cached = run(tmp_path, "cached", "train.epochs=1")  # a whole epoch: the cached pass is used
+    assert cached["reference"]["computed"] and cached["reference_forwards"] == 0
+    live = run(tmp_path, "live", "train.max_steps=3", "train.cache_reference=false")
+    assert "reference" not in live and live["reference_forwards"] > 0
+    # a short run on more pairs than it trains: reference computed live, no pass over every pair
+    short = run(tmp_path, "short", "train.max_steps=3")
+    assert "reference" not in short and short["reference_forwards"] > 0
     a, b = losses(cached), losses(live)
     for step in (1, 2, 3):
         assert a[step] == pytest.approx(b[step], rel=1e-5), step

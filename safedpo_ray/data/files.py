@@ -20,6 +20,7 @@ import gzip
 import io
 import json
 import os
+import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -98,9 +99,11 @@ def _join_uri(uri: str, path: str) -> str:
 
 
 def is_hub_id(source: str) -> bool:
+    # A name with a data file's extension ('data/train.jsonl') is a missing file, not a hub id.
     return (source != SYNTHETIC and not _is_uri(source) and not Path(source).exists()
             and not any(c in source for c in "*?[") and source.count("/") == 1
-            and not source.startswith((".", "/")))
+            and not source.startswith((".", "/")) and file_format(source) is None
+            and not source.lower().endswith(".gz"))
 
 
 def resolve_files(source: str) -> list[SourceFile]:
@@ -181,8 +184,11 @@ def count_newlines(uri: str, start: int, end: int) -> int:
 def _parquet_chunks(index: int, sf: SourceFile, split: str) -> list[Chunk]:
     import pyarrow.parquet as pq
 
-    with _open(sf.uri) as f:
-        meta = pq.ParquetFile(f).metadata
+    try:
+        with _open(sf.uri) as f:
+            meta = pq.ParquetFile(f).metadata
+    except Exception as exc:  # not parquet, truncated: the file as a whole is unreadable
+        raise SourceError(f"{sf.uri}: cannot be read as parquet ({exc})") from None
     chunks, first = [], 1
     for g in range(meta.num_row_groups):
         rows = meta.row_group(g).num_rows
@@ -192,29 +198,39 @@ def _parquet_chunks(index: int, sf: SourceFile, split: str) -> list[Chunk]:
 
 
 def plan_chunks(files: list[SourceFile], *, split: str = "hash", chunk_bytes: int = 64 * 2**20,
-                first_index: int = 0, mapper: Callable = map) -> list[Chunk]:
+                first_index: int = 0, mapper: Callable = map, count: bool = True) -> list[Chunk]:
     """Chunks of `files`. A large uncompressed .jsonl file is cut into byte ranges; the newlines
-    before each range (for row numbers) are counted through `mapper` (a parallel map on Ray)."""
+    before each range (for row numbers) are counted through `mapper` (a parallel map on Ray), now
+    or, with count=False, later by `number_chunks` (a cached preparation never needs them)."""
     chunks: list[Chunk] = []
-    to_count: list[tuple[int, int, int]] = []  # (chunk position, start, end)
     for i, sf in enumerate(files, start=first_index):
         if sf.fmt == "parquet":
             chunks += _parquet_chunks(i, sf, split)
         elif sf.fmt == "jsonl" and not sf.compressed and sf.size > chunk_bytes:
             for start in range(0, sf.size, chunk_bytes):
-                to_count.append((len(chunks), start, min(sf.size, start + chunk_bytes)))
                 chunks.append(Chunk(i, sf.uri, "jsonl", start=start, end=min(sf.size, start + chunk_bytes),
-                                    first_row=0, split=split))
+                                    first_row=0, lines_before=0 if start == 0 else -1, split=split))
         else:
             chunks.append(Chunk(i, sf.uri, sf.fmt, compressed=sf.compressed, split=split))
-    if to_count:
-        counts = list(mapper(lambda job: count_newlines(chunks[job[0]].uri, job[1], job[2]), to_count))
-        before: dict[int, int] = {}
-        for (pos, _, _), n in zip(to_count, counts):
-            c = chunks[pos]
-            chunks[pos] = replace(c, lines_before=before.get(c.file_index, 0))
-            before[c.file_index] = before.get(c.file_index, 0) + n
-    return chunks
+    return number_chunks(chunks, mapper=mapper) if count else chunks
+
+
+def number_chunks(chunks: list[Chunk], *, mapper: Callable = map) -> list[Chunk]:
+    """Fill in `lines_before` of byte-range chunks (newlines counted through `mapper`)."""
+    ranges = [c for c in chunks if c.fmt == "jsonl" and c.end >= 0]
+    pending = [c for c in ranges if c.lines_before < 0]
+    if not pending:
+        return chunks
+    counts = dict(zip([(c.uri, c.start) for c in ranges],
+                      mapper(lambda c: count_newlines(c.uri, c.start, c.end), ranges)))
+    before: dict[str, int] = {}
+    out = []
+    for c in chunks:
+        if c.fmt == "jsonl" and c.end >= 0:
+            c = replace(c, lines_before=before.get(c.uri, 0))
+            before[c.uri] = before.get(c.uri, 0) + counts[(c.uri, c.start)]
+        out.append(c)
+    return out
 
 
 # --------------------------------------------------------------------------- reading
@@ -233,43 +249,66 @@ def _parse_json_line(line: bytes, max_row_bytes: int) -> dict[str, Any]:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         return _invalid(f"line is not valid JSON: {exc.msg} at column {exc.colno}")
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        return _invalid(f"line is not valid JSON: {exc}")
+    except RecursionError:
+        return _invalid("line is not valid JSON: nested too deeply")
     if not isinstance(value, dict):
         return _invalid(f"line is a JSON {type(value).__name__}, not an object")
+    try:
+        bad = _has_bad_bytes(value)
+    except RecursionError:
+        return _invalid("row is nested too deeply")
+    if bad:  # a "\ud800" escape: valid JSON, but no UTF-8 text (Arrow and tokenizers reject it)
+        return _invalid("row holds a lone surrogate (\\uXXXX escape), not valid Unicode text")
     return value
 
 
-def _read_line(f, limit: int) -> tuple[bytes, int]:
-    """One line (without its end) and its full length; at most `limit` + 1 bytes are kept, the
-    rest of an over-long line is skipped unread into memory."""
-    line = f.readline(limit + 1)
-    length = len(line)
-    if length > limit and not line.endswith(b"\n"):
+def _skip_line(f) -> int:
+    """Skip to the end of the current line without holding it in memory; the bytes skipped."""
+    n = 0
+    while True:
+        more = f.readline(2**20)
+        n += len(more)
+        if not more or more.endswith(b"\n"):
+            return n
+
+
+def _read_line(f, limit: int) -> tuple[bytes, int, int]:
+    """One line without its end, its length without the end, and the bytes it takes in the file
+    (with the end). At most `limit` + 2 bytes are kept; the rest of an over-long line is skipped
+    unread into memory."""
+    line = f.readline(limit + 2)
+    consumed, tail = len(line), line[-2:]
+    if consumed == limit + 2 and not line.endswith(b"\n"):
         while True:
             more = f.readline(2**20)
-            length += len(more)
+            consumed += len(more)
+            tail = (tail + more)[-2:]
             if not more or more.endswith(b"\n"):
                 break
-    return line.rstrip(b"\r\n"), length
+    ending = 2 if tail.endswith(b"\r\n") else 1 if tail.endswith(b"\n") else 0
+    return line.rstrip(b"\r\n"), consumed - ending, consumed
 
 
 def _jsonl_rows(chunk: Chunk, max_row_bytes: int) -> Iterator[dict[str, Any]]:
     with _open_text_bytes(chunk) as f:
         line_no = 1
         end = chunk.end if chunk.end >= 0 else None
+        pos = max(chunk.start, 0)
         if chunk.start > 0:
             line_no = chunk.lines_before + 1
             f.seek(chunk.start - 1)
             if f.read(1) != b"\n":  # mid-line: that line belongs to the previous chunk
-                f.readline()
+                pos += _skip_line(f)  # the next line starts here: maybe past this chunk's end
                 line_no += 1
-        pos = max(chunk.start, 0)
         while end is None or pos < end:
-            line, length = _read_line(f, max_row_bytes)
-            if not length:
+            line, length, consumed = _read_line(f, max_row_bytes)
+            if not consumed:
                 break
-            pos += length
+            pos += consumed
             if line_no == 1 and line.startswith(BOM):
-                line = line[len(BOM):]
+                line, length = line[len(BOM):], length - len(BOM)
             if length > max_row_bytes:
                 yield {**_invalid(f"row is {length:,} bytes, over data.max_row_bytes ({max_row_bytes:,})"),
                        "row_number": line_no}
@@ -299,14 +338,25 @@ def _has_bad_bytes(value: Any) -> bool:
     return False
 
 
+def _bad_or_deep(row: dict) -> bool:
+    try:
+        return _has_bad_bytes(row)
+    except RecursionError:
+        return True
+
+
 def _json_rows(chunk: Chunk, max_row_bytes: int) -> Iterator[dict[str, Any]]:
     with _open_text_bytes(chunk) as f:
         text = _decode_document(f.read(), chunk.uri)
+    if not text.strip():  # only spaces (or a BOM): no rows, which precheck reports
+        return
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise SourceError(f"{chunk.uri}: not valid JSON ({exc.msg} at line {exc.lineno}); "
                           "one object per line? name the file .jsonl") from None
+    except (ValueError, RecursionError) as exc:
+        raise SourceError(f"{chunk.uri}: not valid JSON ({exc or 'nested too deeply'})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -314,7 +364,7 @@ def _json_rows(chunk: Chunk, max_row_bytes: int) -> Iterator[dict[str, Any]]:
     for i, row in enumerate(data, start=1):
         if not isinstance(row, dict):
             yield {**_invalid(f"item is a JSON {type(row).__name__}, not an object"), "row_number": i}
-        elif _has_bad_bytes(row):
+        elif _bad_or_deep(row):
             yield {**_invalid("row holds bytes that are not valid UTF-8"), "row_number": i}
         else:
             yield {**row, "row_number": i}
@@ -337,7 +387,10 @@ def csv_types(row: dict[str, Any]) -> dict[str, Any]:
     for k in _ID_FIELDS:
         v = row.get(k)
         if isinstance(v, str) and v.strip().lstrip("-").isdigit():
-            row[k] = int(v)
+            try:
+                row[k] = int(v)
+            except ValueError:  # '²', '--1': isdigit, but no integer; validation names it
+                pass
         elif v == "":
             row[k] = None
     return row
@@ -350,7 +403,7 @@ def _csv_rows(chunk: Chunk, max_row_bytes: int) -> Iterator[dict[str, Any]]:
         if head != BOM:
             raw = io.BufferedReader(_Prepend(head, raw))
         text = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="")
-        reader = csv.DictReader(text)
+        reader = csv.DictReader(_after_blank_lines(text))
         i = 0
         while True:
             i += 1
@@ -361,6 +414,10 @@ def _csv_rows(chunk: Chunk, max_row_bytes: int) -> Iterator[dict[str, Any]]:
             except csv.Error as exc:
                 yield {**_invalid(f"CSV record cannot be parsed: {exc}"), "row_number": i}
                 continue
+            values = list(row.values())
+            if None not in row and not str(values[0] or "").strip() and all(v is None for v in values[1:]):
+                i -= 1  # a line of spaces: blank, like the empty lines csv skips (not a record)
+                continue
             if None in row:
                 yield {**_invalid(f"record has {len(reader.fieldnames or []) + len(row[None])} fields, "
                                   f"the header {len(reader.fieldnames or [])}"), "row_number": i}
@@ -368,6 +425,16 @@ def _csv_rows(chunk: Chunk, max_row_bytes: int) -> Iterator[dict[str, Any]]:
                 yield {**_invalid("record holds bytes that are not valid UTF-8"), "row_number": i}
             else:
                 yield {**csv_types(dict(row)), "row_number": i}
+
+
+def _after_blank_lines(lines):
+    """The lines from the first that is not blank (a file of spaces has no header, no rows)."""
+    it = iter(lines)
+    for line in it:
+        if line.strip():
+            yield line
+            break
+    yield from it
 
 
 class _Prepend(io.RawIOBase):
@@ -431,5 +498,11 @@ def read_chunk(chunk: Chunk, *, max_row_bytes: int = MAX_ROW_BYTES) -> Iterator[
     """The rows of a chunk, numbered; undecodable rows as `{"__invalid__": reason}`."""
     try:
         yield from _READERS[chunk.fmt](chunk, max_row_bytes)
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:  # a truncated .gz, a vanished file
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:  # a truncated or corrupt .gz, a vanished file
         raise SourceError(f"{chunk.uri}: cannot be read ({exc})") from exc
+    except Exception as exc:  # a corrupt parquet file (pyarrow's ArrowInvalid is no OSError)
+        import pyarrow as pa
+
+        if isinstance(exc, pa.ArrowException):
+            raise SourceError(f"{chunk.uri}: cannot be read ({exc})") from exc
+        raise

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from safedpo_ray import storage
-from safedpo_ray.data.files import SourceError, read_chunk
+from safedpo_ray.data.files import SourceError, number_chunks, read_chunk
 from safedpo_ray.data.schema import SCHEMAS, SchemaError, detect_schema
 from safedpo_ray.data.stream import DataError, check_row, run_pipeline
 
@@ -135,22 +135,40 @@ def precheck(chunks, names: list[str], schema: str, *, sample_rows: int = 20, ma
 def sample_texts(chunks, schema: str, limit: int = 4096) -> list[str]:
     """Texts of the first `limit` valid training rows (what the tiny preset's tokenizer learns)."""
     texts: list[str] = []
-    rows = 0
+    rows = read = 0
+    first_bad = None
     for chunk in chunks:
         if chunk.split == "eval":
             continue
         for row in read_chunk(chunk):
+            read += 1
             pku, reasons = check_row(row, schema)
             if reasons:
+                first_bad = first_bad or f"{chunk.uri}, row {row.get('row_number')}: {'; '.join(reasons)}"
                 continue
             texts += [pku["prompt"], pku["response_0"], pku["response_1"]]
             rows += 1
             if rows >= limit:
                 return texts
+    if not texts:  # no tokenizer can be trained on nothing: say why, before Ray starts
+        if not read:
+            raise DataError("no training rows were read (is the training split empty?)")
+        raise DataError(f"all {read} training rows are invalid, none would be kept (the first: {first_bad})")
     return texts
 
 
 # --------------------------------------------------------------------------- prepare or reuse
+
+
+def ray_map(fn, items):
+    """`map` as Ray tasks (spread over the cluster's nodes), results in order."""
+    import ray
+
+    items = list(items)
+    if len(items) <= 1:
+        return [fn(i) for i in items]
+    task = ray.remote(num_cpus=1)(lambda item: fn(item))
+    return ray.get([task.remote(i) for i in items])
 
 
 def prepare_data(cfg, *, chunks, names: list[str], identity: list[str], tokenizer_path: str,
@@ -170,6 +188,7 @@ def prepare_data(cfg, *, chunks, names: list[str], identity: list[str], tokenize
                   "max_length": d.max_length, "max_prompt_length": d.max_prompt_length,
                   "max_row_bytes": d.max_row_bytes}
         try:
+            chunks = number_chunks(chunks, mapper=ray_map)  # row numbers of large .jsonl byte ranges
             stats = run_pipeline(chunks, names, tmp, params, max_rows=d.max_rows, progress=progress)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

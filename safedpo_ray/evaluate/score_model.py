@@ -204,8 +204,11 @@ def load_score_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
                               "Hugging Face sequence classifiers)")
     with _quiet_transformers():
         # mismatched shapes are collected (not raised by transformers) so the error below names them
-        model, info = LlamaForScore.from_pretrained(str(path), config=config, dtype=dtype, output_loading_info=True,
-                                                    ignore_mismatched_sizes=True)
+        from safedpo_ray.safe_loading import explain_refused_pickle, weights_kwargs
+
+        with explain_refused_pickle(path):  # safe-rlhf releases ship pickles: torch.load(weights_only=True)
+            model, info = LlamaForScore.from_pretrained(str(path), config=config, dtype=dtype, output_loading_info=True,
+                                                        ignore_mismatched_sizes=True, **weights_kwargs(path))
     check_loading_info(path, info, allow_missing=(_NORMALIZER_KEY.pattern,))
     # Buffers absent from the checkpoint come back uninitialised: set them as safe-rlhf would.
     absent = {k.split(".")[1] for k in info.get("missing_keys", ()) if _NORMALIZER_KEY.match(k)}

@@ -116,9 +116,12 @@ class Scorer:
         else:
             from transformers import AutoModelForSequenceClassification
 
-            self.model, info = AutoModelForSequenceClassification.from_pretrained(
-                path, dtype=self.dtype, trust_remote_code=trust_remote_code, output_loading_info=True,
-                ignore_mismatched_sizes=True)
+            from safedpo_ray.safe_loading import explain_refused_pickle, weights_kwargs
+
+            with explain_refused_pickle(path):  # safetensors, or torch.load(weights_only=True)
+                self.model, info = AutoModelForSequenceClassification.from_pretrained(
+                    path, dtype=self.dtype, trust_remote_code=trust_remote_code, output_loading_info=True,
+                    ignore_mismatched_sizes=True, **weights_kwargs(path))
             check_loading_info(path, info)
             if self.model.config.pad_token_id is None:
                 self.model.config.pad_token_id = self.tokenizer.pad_token_id

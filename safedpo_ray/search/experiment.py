@@ -65,7 +65,7 @@ def _prepare_shared(cfg: Config, exp_dir: Path) -> dict[str, Any]:
         raise SearchError("a search needs held-out pairs to compare trials: set data.eval_source, "
                           "data.eval_split or data.eval_fraction > 0")
     prompts = write_held_out_prompts(prepared.data.split("eval"), exp_dir)
-    attach_reference(cfg, prepared)
+    attach_reference(cfg, prepared, shared=True)
     r, d = prepared.reference, prepared.data
     return {"inputs_key": inputs_key(cfg), "model_path": prepared.model_path, "stats": prepared.stats,
             "held_out_prompts": str(prompts),
@@ -110,7 +110,7 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], exp_dir: str, sha
             prepared = _read_shared(shared)
         else:
             prepared = prepare(cfg, run_dir)
-            attach_reference(cfg, prepared)
+            attach_reference(cfg, prepared, shared=True)
         summary = fit(cfg, run_dir, prepared, storage=str(storage), started=t0, callbacks=[TuneReportCallback()])
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     final = {"eval/" + k: v for k, v in (summary.get("eval_after") or {}).items()}

@@ -55,6 +55,11 @@ def fit(trainer, cfg: Config):
 
 def explain(cfg: Config, error: BaseException) -> BaseException:
     """A clear message for the failures a user can act on; other errors pass through."""
+    from safedpo_ray.train import preempt
+
+    stopped = preempt.explain(cfg.run.name, error)  # a worker got SIGTERM and saved a checkpoint first
+    if stopped is not None:
+        return stopped
     try:
         from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
         from ray.train.v2.api.exceptions import ControllerError

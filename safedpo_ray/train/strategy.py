@@ -16,8 +16,46 @@ import torch
 import torch.distributed as dist
 
 from safedpo_ray.config import Config
+from safedpo_ray.train.checkpoints import write_manifest
 
 CHECKPOINT_TAG = "state"
+
+# Plain data classes DeepSpeed pickles into its checkpoints (loss scaler, ZeRO stage, the
+# fragment map of ZeRO-1/2 optimizer shards); everything else must be tensors and builtins.
+DEEPSPEED_SAFE_GLOBALS = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+
+def _safe_globals() -> list[Any]:
+    import importlib
+
+    found = []
+    for qualname in DEEPSPEED_SAFE_GLOBALS:
+        module, _, name = qualname.rpartition(".")
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):  # another DeepSpeed version: not pickled there
+            continue
+    return found
+
+
+def weights_only_loads(engine) -> None:
+    """DeepSpeed's torch checkpoint engine calls `torch.load(..., weights_only=False)`, which runs
+    any pickle a checkpoint holds. Load with `weights_only=True` instead, allowing only the few
+    plain DeepSpeed classes its checkpoints contain."""
+    checkpoint_engine = getattr(engine, "checkpoint_engine", None)
+    if type(checkpoint_engine).__name__ != "TorchCheckpointEngine":
+        return  # other engines (fast, decoupled) already use torch.load's weights_only default
+
+    def load(path, map_location=None):
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    checkpoint_engine.load = load
 
 
 def build_ds_config(cfg: Config, *, on_gpu: bool) -> dict[str, Any]:
@@ -127,6 +165,7 @@ class DeepSpeedStrategy:
             model=model, model_parameters=params, config=self.ds_config,
             lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier),
         )
+        weights_only_loads(self.engine)
         return self.engine
 
     def prepare_reference(self, ref_model: torch.nn.Module) -> torch.nn.Module:
@@ -176,6 +215,8 @@ class DeepSpeedStrategy:
             client_state={"safedpo": client_state},
             exclude_frozen_parameters=self.cfg.model.lora.enabled,
         )
+        # Last: the manifest that makes this rank's part of the checkpoint count as whole.
+        write_manifest(directory, rank=self.rank, world_size=self.world_size, step=client_state.get("step"))
 
     def load(self, directory: str | Path) -> dict[str, Any]:
         _, client_state = self.engine.load_checkpoint(

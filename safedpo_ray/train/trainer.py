@@ -31,7 +31,7 @@ from safedpo_ray.loss import uses_reference
 from safedpo_ray.models import TINY_PRESET, build_tiny_model, convert_gguf
 from safedpo_ray.ray_env import ensure_ray
 from safedpo_ray import storage as run_storage
-from safedpo_ray.train import faults
+from safedpo_ray.train import faults, preempt
 
 
 class RunError(UserError):
@@ -68,17 +68,26 @@ class DataPlan:
 def plan_data(cfg: Config) -> DataPlan:
     """Resolve the sources into chunks and check their files (no Ray: a bad source is reported
     before a cluster is touched)."""
-    chunks, names, identity = config_chunks(cfg.data, seed=cfg.train.seed, chunk_bytes=cfg.data.chunk_mb * 2**20)
+    chunks, names, identity = config_chunks(cfg.data, seed=cfg.train.seed, chunk_bytes=cfg.data.chunk_mb * 2**20,
+                                            count=False)  # numbered by Ray tasks if prepared anew
     precheck(chunks, names, cfg.data.schema)
     return DataPlan(chunks, names, identity)
 
 
-def attach_reference(cfg: Config, prepared: Prepared) -> None:
-    """Give the prepared pairs their reference log-probs (cached, or one actor-pool pass)."""
+def attach_reference(cfg: Config, prepared: Prepared, *, shared: bool = False) -> None:
+    """Give the prepared pairs their reference log-probs (cached, or one actor-pool pass).
+    `shared`: for several runs (a search), so computed even when one run would not need all."""
     if not cfg.train.cache_reference:
         return
     if not uses_reference(cfg.train.loss):  # SimPO: no reference pass at all
         print(f"[safedpo] train.loss={cfg.train.loss} is reference-free: no reference model", flush=True)
+        return
+    pairs = prepared.stats["train"]["pairs"]
+    trained = cfg.train.max_steps * cfg.train.global_batch_size if cfg.train.max_steps else None
+    if not shared and trained is not None and trained < pairs:
+        # A short run on a large dataset: a pass over every pair would cost more than it saves.
+        print(f"[safedpo] reference log-probs computed live: this run trains on {trained:,} of {pairs:,} "
+              "pairs (the cached pass pays off from one epoch, and in searches)", flush=True)
         return
     workers = cfg.run.num_workers
     prepared.reference = reference_logps(
@@ -173,6 +182,7 @@ def train(cfg: Config) -> dict[str, Any]:
     t0 = time.time()
     plan = plan_data(cfg)  # a bad source is one sentence before any Ray work
     ensure_ray(cfg.run)
+    preempt.rearm()  # ray.init replaced our SIGTERM/SIGINT handlers (train/preempt.py)
     _check_resources(cfg)
     run_storage.check_cluster_storage(cfg.run)  # several nodes: outputs need shared storage
     prepared = prepare(cfg, run_dir, plan)
@@ -207,12 +217,15 @@ def fit(cfg: Config, run_dir: Path, prepared: Prepared, *, storage: str, started
             name=cfg.run.name, storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=faults.failure_config(cfg),  # max_failures, and a bounded wait for nodes
-            callbacks=callbacks,
+            # + each worker's SIGTERM handler: checkpoint first (train/preempt.py)
+            callbacks=[*(callbacks or []), *preempt.worker_callbacks(cfg.run.stop_timeout_s)],
         ),
         # No Ray Datasets: every worker memory-maps the prepared files and picks its pairs by
         # position (train/sampler.py), a fixed order that exact resume and batch invariance need.
     )
-    result = faults.fit(trainer, cfg)  # trainer.fit(), with a clear message when nodes did not come back
+    # trainer.fit(), with a clear message when nodes did not come back; in a thread under the CLI,
+    # so that a signal asks the workers for a checkpoint and a stop (train/preempt.py)
+    result = preempt.run_fit(lambda: faults.fit(trainer, cfg), root=root or str(run_dir))
     if result.error:
         raise faults.explain(cfg, result.error)
     root = root or str(run_dir)
@@ -225,6 +238,7 @@ def fit(cfg: Config, run_dir: Path, prepared: Prepared, *, storage: str, started
         summary["reference"] = {"key": r.key, "computed": r.computed, "pairs": r.pairs,
                                 "seconds": round(r.seconds, 2), "compute_seconds": round(r.compute_seconds, 2)}
     run_storage.save_json(root, run_dir, "summary.json", summary)
+    preempt.raise_if_stopped(summary, cfg.run.name)  # signalled: exit 128 + signal, saying how to resume
     return summary
 
 

@@ -36,6 +36,7 @@ from safedpo_ray.models import (
     reference_logits_context,
 )
 from safedpo_ray.storage import RunOutputs, current_node_id
+from safedpo_ray.train import checkpoints, preempt
 from safedpo_ray.train.metrics_log import MetricsLog
 from safedpo_ray.train.pairs import PairTable
 from safedpo_ray.train.sampler import PairSampler
@@ -47,15 +48,11 @@ def total_steps_for(cfg: Config, sampler: PairSampler) -> int:
 
 
 def restore_checkpoint(strategy: DeepSpeedStrategy) -> tuple[dict[str, Any], int]:
-    """The client state and step of Ray Train's latest checkpoint ({} and 0 on a fresh start)."""
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return {}, 0
-    with checkpoint.as_directory() as d:
-        state = strategy.load(d)
-    return state, int(state.pop("step"))
+    """The client state and step of the run's newest intact checkpoint ({} and 0 on a fresh
+    start); damaged or partly written ones are skipped with a warning (train/checkpoints.py)."""
+    restored = checkpoints.restore(strategy)
+    strategy.restored = restored  # which checkpoint, and what was skipped: for the run's result
+    return restored.state, restored.step
 
 
 class Worker:
@@ -191,6 +188,8 @@ class Worker:
             self.strategy.save(tmp, {**state, "step": step})
             ray.train.report(self.report_metrics(step, metrics, state),
                              checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        if self.strategy.is_rank0:
+            print(f"[safedpo] checkpoint saved at step {step}", flush=True)
 
     @staticmethod
     def report_metrics(step: int, metrics: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
@@ -252,6 +251,7 @@ class Worker:
             if log:
                 log.log(0, {"eval/" + k: v for k, v in state["eval_before"].items()})
         stop = min(self.total_steps, cfg.train.stop_at_step or self.total_steps)
+        stop_check, stop_reason = preempt.StopCheck(self.outputs.root, s), None  # signals (train/preempt.py)
         metrics: dict[str, Any] = {}
         for step in range(start, stop):
             metrics = self.train_step(step)
@@ -269,12 +269,24 @@ class Worker:
                 if log:
                     log.log(done, {"eval/" + k: v for k, v in state["eval_last"].items()})
             every = cfg.train.checkpoint_every
-            if (every and done % every == 0) or done == stop:
+            saved = (every and done % every == 0) or done == stop
+            if saved:
                 self.checkpoint(done, metrics, state)
             elif eval_now:
                 ray.train.report(self.report_metrics(done, metrics, state))
+            request = stop_check.poll(done, stop)  # all ranks: a signal asks for a checkpoint now
+            if request:
+                if not saved:
+                    self.checkpoint(done, metrics, state)
+                request.after_checkpoint(done)  # a worker's SIGTERM ends this attempt (Ray Train may restart)
+                if request.ends_run:  # the driver's: the run stops here
+                    stop_reason, stop = request.reason, done
+                    break
         result: dict[str, Any] = {"eval_before": state["eval_before"], "last_step": stop}
         result.update(resumed_at_step=start, worker_nodes=worker_nodes)  # this attempt's start, ranks' nodes
+        result.update(checkpoints.describe(getattr(s, "restored", None)))  # resumed from; damaged ones skipped
+        if stop_reason:
+            result["stop_reason"] = stop_reason
         if stop == self.total_steps:
             result["eval_after"] = state["eval_last"] = self.evaluate()
             result["model_dir"] = str(self.export())
