@@ -20,6 +20,7 @@ import gzip
 import io
 import json
 import os
+import re
 import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -240,6 +241,9 @@ def _invalid(reason: str) -> dict[str, Any]:
     return {"__invalid__": reason}
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
 def _parse_json_line(line: bytes, max_row_bytes: int) -> dict[str, Any]:
     try:
         text = line.decode("utf-8")
@@ -255,8 +259,8 @@ def _parse_json_line(line: bytes, max_row_bytes: int) -> dict[str, Any]:
         return _invalid("line is not valid JSON: nested too deeply")
     if not isinstance(value, dict):
         return _invalid(f"line is a JSON {type(value).__name__}, not an object")
-    try:
-        bad = _has_bad_bytes(value)
+    try:  # a lone surrogate can only come from a \\uD800-\\uDFFF escape: check rows that have one
+        bad = _SURROGATE_ESCAPE.search(text) is not None and _has_bad_bytes(value)
     except RecursionError:
         return _invalid("row is nested too deeply")
     if bad:  # a "\ud800" escape: valid JSON, but no UTF-8 text (Arrow and tokenizers reject it)

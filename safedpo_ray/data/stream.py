@@ -263,11 +263,15 @@ class Tally:
 
 
 class Progress:
-    """One line for preparation: rows, rows/s, quarantined so far (every few seconds)."""
+    """One line for preparation: rows, rows/s, quarantined so far. On a terminal the line is
+    rewritten in place every second; in a log, a new line every 30 s."""
 
-    def __init__(self, every_s: float = 5.0, enabled: bool = True):
+    def __init__(self, enabled: bool = True):
+        import sys
+
         self.t0 = self.last = time.perf_counter()
-        self.every_s, self.enabled = every_s, enabled
+        self.enabled, self.tty = enabled, sys.stdout.isatty()
+        self.every_s = 1.0 if self.tty else 30.0
 
     def update(self, tally: Tally, final: bool = False) -> None:
         now = time.perf_counter()
@@ -275,9 +279,12 @@ class Progress:
             return
         self.last = now
         rate = tally.rows / max(now - self.t0, 1e-9)
-        word = "prepared" if final else "preparing"
-        print(f"[safedpo] {word}: {tally.rows:,} rows read ({rate:,.0f} rows/s), "
-              f"{tally.quarantined:,} quarantined, {now - self.t0:.0f} s", flush=True)
+        line = (f"[safedpo] {'prepared' if final else 'preparing'}: {tally.rows:,} rows read ({rate:,.0f} rows/s), "
+                f"{tally.quarantined:,} quarantined, {now - self.t0:.0f} s")
+        if self.tty:
+            print("\r" + line + ("\n" if final else ""), end="", flush=True)
+        else:
+            print(line, flush=True)
 
 
 def run_pipeline(chunks: list[Chunk], names: list[str], out_dir, params: dict[str, Any], *,
