@@ -418,3 +418,19 @@ def test_files_of_only_whitespace_or_a_bom_have_no_rows(tmp_path, name, data):
     path = tmp_path / name
     path.write_bytes(data)
     assert read(path) == []
+
+
+def test_a_utf16_file_is_one_sentence_and_an_unparsed_line_keeps_its_text(tmp_path):
+    from safedpo_ray.data.prepared import precheck
+    from safedpo_ray.data.sources import chunks_for
+    from safedpo_ray.data.stream import _raw
+
+    path = tmp_path / "u.jsonl"
+    path.write_text(json.dumps({"prompt": "x"}) + "\n", encoding="utf-16")
+    chunks, names, _ = chunks_for(str(path))
+    with pytest.raises(SourceError, match="UTF-16"):
+        precheck(chunks, names, "auto")
+    bad = tmp_path / "b.jsonl"
+    bad.write_bytes(b'{"prompt": "caf\xe9", oops}\n')
+    row = next(read_chunk(chunks_for(str(bad))[0][0]))
+    assert "__invalid__" in row and _raw(row) == '{"prompt": "caf\ufffd", oops}'

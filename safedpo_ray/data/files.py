@@ -245,6 +245,13 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def _parse_json_line(line: bytes, max_row_bytes: int) -> dict[str, Any]:
+    row = _parse_json_value(line, max_row_bytes)
+    if "__invalid__" in row:  # the line as it was, for quarantine.jsonl (bad bytes shown as U+FFFD)
+        row["__line__"] = line[:4000].decode("utf-8", errors="replace")
+    return row
+
+
+def _parse_json_value(line: bytes, max_row_bytes: int) -> dict[str, Any]:
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as exc:

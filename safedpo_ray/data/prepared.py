@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from safedpo_ray import storage
-from safedpo_ray.data.files import SourceError, number_chunks, read_chunk
+from safedpo_ray.data.files import SourceError, _open_text_bytes, number_chunks, read_chunk
 from safedpo_ray.data.schema import SCHEMAS, SchemaError, detect_schema
 from safedpo_ray.data.stream import DataError, check_row, run_pipeline
 
@@ -110,6 +110,11 @@ def precheck(chunks, names: list[str], schema: str, *, sample_rows: int = 20, ma
         if not rows and single:
             raise SourceError(f"{name}: the file has no rows")
         parsed = [r for r in rows if "__invalid__" not in r]
+        if not parsed and chunk.fmt != "parquet":
+            with _open_text_bytes(chunk) as f:
+                head = f.read(64)
+            if head.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in head:
+                raise SourceError(f"{name}: the file looks UTF-16 encoded; save it as UTF-8")
         if not parsed:
             continue  # every sampled row is malformed: quarantined row by row
         fields = [set(r) - {"row_number"} for r in parsed]
@@ -223,8 +228,9 @@ def check_pairs(stats: dict[str, Any], mode: str) -> None:
     if train["rows_quarantined"] == train["rows_read"]:
         raise DataError(f"all {train['rows_read']} training rows were quarantined: none is a valid row "
                         "(see quarantine.jsonl for each row's reason)")
-    raise DataError(f"data.mode={mode} kept no training pairs: T discarded all of them "
-                    f"(transform outcomes: {train['transform']})")
+    valid = train["rows_read"] - train["rows_quarantined"]
+    raise DataError(f"data.mode={mode} kept no training pairs: T discarded all {valid} valid rows "
+                    f"({train['rows_quarantined']} more were quarantined; transform outcomes: {train['transform']})")
 
 
 def copy_run_files(prepared: PreparedData, run_dir: Path) -> int:

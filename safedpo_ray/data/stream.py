@@ -51,6 +51,7 @@ _OUT_SCHEMA = pa.schema([
     ("dup", pa.int64()), ("category", pa.string()), ("outcome", pa.string()),
     *[f for f in PAIR_SCHEMA if f.name not in ("pair_id",)],
     ("prompt_truncated", pa.bool_()), ("chosen_truncated", pa.bool_()), ("rejected_truncated", pa.bool_()),
+    ("node", pa.string()),  # the Ray node that read the row (reads spread over a cluster's nodes)
 ])
 
 
@@ -102,8 +103,11 @@ def _dup_key(pku: dict[str, Any]) -> int:
 
 
 def _raw(row: dict[str, Any]) -> str:
-    text = json.dumps({k: v for k, v in row.items() if k not in ("row_number", "__invalid__")},
-                      default=str, ensure_ascii=True)
+    if "__line__" in row:  # a line that did not parse: its text
+        text = row["__line__"]
+    else:
+        text = json.dumps({k: v for k, v in row.items() if k not in ("row_number", "__invalid__")},
+                          default=str, ensure_ascii=True)
     return text if len(text) <= RAW_LIMIT else text[:RAW_LIMIT] + "…"
 
 
@@ -147,7 +151,17 @@ def _build_batch(records: list[dict[str, Any]], p: dict[str, Any]) -> pa.Table:
             cols["chosen_unsafe"][i] = pairs[j]["chosen_unsafe"]
             cols["rejected_unsafe"][i] = pairs[j]["rejected_unsafe"]
             cols["prompt"][i] = pairs[j]["prompt"]
+    cols["node"] = [_node_id()] * len(cols["pair_id"])
     return pa.table(cols, schema=_OUT_SCHEMA)
+
+
+def _node_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # outside Ray (tests call process_chunk directly)
+        return None
 
 
 def process_chunk(chunk: Chunk, p: dict[str, Any]) -> Iterator[pa.Table]:
@@ -185,6 +199,11 @@ def _process_batch(batch: dict[str, np.ndarray], p: dict[str, Any]) -> Iterator[
 # --------------------------------------------------------------------------- the driver's side
 
 
+def _value_counts(column) -> tuple[list, list]:
+    counts = column.value_counts()
+    return counts.field("values").to_pylist(), counts.field("counts").to_pylist()
+
+
 class SplitWriter:
     """Pairs of one split appended to an Arrow IPC file (memory-mappable by the workers)."""
 
@@ -213,6 +232,7 @@ class Tally:
         self.splits: dict[str, dict[str, Any]] = {}
         self.seen: dict[str, dict[int, int]] = {"train": {}, "eval": {}}  # dup key → first pair_id
         self.rows = self.quarantined = 0
+        self.nodes: dict[str, int] = {}  # rows read per Ray node
 
     def split(self, name: str) -> dict[str, Any]:
         return self.splits.setdefault(name, {
@@ -223,6 +243,8 @@ class Tally:
     def add(self, t: pa.Table, names: list[str]) -> tuple[dict[str, pa.Table], list[dict[str, Any]]]:
         """Count a batch; return its pairs per split and its quarantine entries (bad rows and
         duplicates of an earlier row of the same split)."""
+        for node, n in zip(*_value_counts(t.column("node"))):
+            self.nodes[node or "local"] = self.nodes.get(node or "local", 0) + n
         d = t.select(["pair_id", "split", "status", "dup", "category", "outcome", "reasons", "raw",
                       "file_index", "row_number", "chosen_unsafe", "rejected_unsafe", "prompt_truncated",
                       "chosen_truncated", "rejected_truncated"]).to_pydict()
@@ -307,7 +329,7 @@ def run_pipeline(chunks: list[Chunk], names: list[str], out_dir, params: dict[st
     specs = [{"chunk": json.dumps(asdict(c))} for c in chunks]
     ds = ray.data.from_items(specs, override_num_blocks=len(specs))
     ds = ds.map_batches(_process_batch, batch_size=1, batch_format="numpy", fn_kwargs={"p": params},
-                        num_cpus=1)
+                        num_cpus=1, ray_remote_args_fn=_spread)  # every node of a cluster reads
     if max_rows:
         ds = ds.limit(max_rows)
     tally = Tally({"train": params["mode"], "eval": "safedpo"})
@@ -329,7 +351,12 @@ def run_pipeline(chunks: list[Chunk], names: list[str], out_dir, params: dict[st
     bar.update(tally, final=True)
     for split in ("train", "eval"):
         tally.split(split)
+    tally.splits["train"]["read_on_nodes"] = len(tally.nodes)
     return tally.splits
+
+
+def _spread() -> dict[str, Any]:
+    return {"scheduling_strategy": "SPREAD"}
 
 
 def _user_cause(exc: Exception) -> Exception:

@@ -74,18 +74,35 @@ def _prepare_shared(cfg: Config, exp_dir: Path) -> dict[str, Any]:
                           "seconds": r.seconds, "compute_seconds": r.compute_seconds}}
 
 
-def _finished_summary(run_dir: Path) -> dict[str, Any] | None:
+def experiments_base(base: Config) -> tuple[Path, str | None]:
+    """(the directory experiments are written in, the object-store URI they are published to).
+    run.storage_path on a filesystem every node mounts holds the experiments themselves; an
+    object-store storage_path gets Tune's state, every trial's outputs and the result files,
+    staged under run.output_dir on the driver; without it, run.output_dir (one machine)."""
+    from safedpo_ray import storage
+
+    path = base.run.storage_path
+    if path and storage.is_remote(path):
+        return Path(base.run.output_dir).resolve(), path
+    return Path(path or base.run.output_dir).resolve(), None
+
+
+def _finished_summary(root: str) -> dict[str, Any] | None:
     """The summary of a trial whose training finished under an earlier driver that died before
     Tune recorded it (Tune saves its state every few seconds): resuming reports it, not retrains."""
+    from safedpo_ray import storage
+
     try:
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = storage.read_json(storage.join(root, "summary.json"))
     except (OSError, ValueError):
+        return None
+    if summary is None:
         return None
     return summary if summary.get("eval_after") is not None else None
 
 
 def run_trial(params: dict[str, Any], *, base: dict[str, Any], exp_dir: str, shared: dict[str, Any],
-              spec: dict[str, Any]) -> None:
+              spec: dict[str, Any], remote: str | None = None) -> None:
     """The function trainable: one full distributed training run with the trial's parameters."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -98,12 +115,20 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], exp_dir: str, sha
     trials = Path(exp_dir) / "trials"
     cfg.run.output_dir, cfg.run.name, cfg.run.resume = str(trials.parent), trial_id, False
     run_dir = trials / trial_id
-    storage = Path(exp_dir) / "train"
-    summary = _finished_summary(run_dir)
+    from safedpo_ray import storage as run_storage
+
+    # Where the trial's outputs live: the experiment directory, or (object store) its URI.
+    root = run_storage.join(remote, "trials", trial_id) if remote else str(run_dir)
+    storage = run_storage.join(remote, "train") if remote else str(Path(exp_dir) / "train")
+    summary = _finished_summary(root)
     if summary is None:
         # A retried trial starts clean: its earlier attempt's metrics and checkpoints are not its own.
         shutil.rmtree(run_dir, ignore_errors=True)
-        shutil.rmtree(storage / trial_id, ignore_errors=True)
+        if remote:
+            _remove(run_storage.join(storage, trial_id))
+            _remove(root)
+        else:
+            shutil.rmtree(Path(storage) / trial_id, ignore_errors=True)
         run_dir.mkdir(parents=True)
         (run_dir / "config.yaml").write_text(dump_config(cfg))
         if inputs_key(cfg) == shared["inputs_key"]:
@@ -111,7 +136,10 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], exp_dir: str, sha
         else:
             prepared = prepare(cfg, run_dir)
             attach_reference(cfg, prepared, shared=True)
-        summary = fit(cfg, run_dir, prepared, storage=str(storage), started=t0, callbacks=[TuneReportCallback()])
+        if remote:
+            run_storage.upload(run_dir / "config.yaml", run_storage.join(root, "config.yaml"))
+        summary = fit(cfg, run_dir, prepared, storage=storage, started=t0, callbacks=[TuneReportCallback()],
+                      root=root)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     final = {"eval/" + k: v for k, v in (summary.get("eval_after") or {}).items()}
     final.update(step=summary.get("last_step"), completed=1, reference_forwards=summary.get("reference_forwards", 0))
@@ -121,6 +149,16 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], exp_dir: str, sha
 
         final.update(score_trial(search, cfg, Path(summary["model_dir"]), run_dir, shared))
     ray.tune.report(final)
+
+
+def _remove(uri: str) -> None:
+    from safedpo_ray import storage
+
+    fs, path = storage.resolve(uri)
+    try:
+        fs.delete_dir(path)
+    except (OSError, FileNotFoundError):
+        pass
 
 
 def max_concurrent(cfg: Config, spec: SearchSpec, local: bool) -> int:
@@ -165,18 +203,22 @@ def _rows(result_grid, spec: SearchSpec, base: Config) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["trial"])
 
 
-def _tuner(spec: SearchSpec, base: Config, exp_dir: Path, shared: dict[str, Any], local: bool, restore: bool):
+def _tuner(spec: SearchSpec, base: Config, exp_dir: Path, shared: dict[str, Any], local: bool, restore: bool,
+           remote_base: str | None = None):
+    from safedpo_ray import storage
+
+    remote = storage.join(remote_base, exp_dir.name) if remote_base else None
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base.to_dict(), exp_dir=str(exp_dir), shared=shared,
-                             spec=spec.to_dict()),
+                             spec=spec.to_dict(), remote=remote),
         # The trial itself only waits on its TorchTrainer; its workers reserve the real resources.
         {"cpu": 0.01},
     )
     if restore:
-        return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
+        return tune.Tuner.restore(remote or str(exp_dir), trainable=trainable, resume_unfinished=True,
                                   resume_errored=False, restart_errored=False)
     search_alg = None
     if spec.search == "optuna":
@@ -195,7 +237,7 @@ def _tuner(spec: SearchSpec, base: Config, exp_dir: Path, shared: dict[str, Any]
         tune_config=tune.TuneConfig(metric=spec.objective, mode=spec.mode, search_alg=search_alg,
                                     scheduler=scheduler, num_samples=spec.num_samples,
                                     max_concurrent_trials=max_concurrent(base, spec, local)),
-        run_config=tune.RunConfig(name=exp_dir.name, storage_path=str(exp_dir.parent),
+        run_config=tune.RunConfig(name=exp_dir.name, storage_path=remote_base or str(exp_dir.parent),
                                   failure_config=tune.FailureConfig(max_failures=spec.trial_retries),
                                   verbose=0),
     )
@@ -203,9 +245,15 @@ def _tuner(spec: SearchSpec, base: Config, exp_dir: Path, shared: dict[str, Any]
 
 def prepare_experiment(spec: SearchSpec, base: Config, resume: str | None) -> tuple[SearchSpec, Config, Path]:
     """The experiment directory with its spec and base config saved (or, on resume, read back)."""
-    output = Path(base.run.output_dir).resolve()
+    output, remote = experiments_base(base)
     if resume:
         exp_dir = output / resume
+        if remote and not (exp_dir / SPEC_FILE).exists():
+            from safedpo_ray import storage
+
+            for name in (SPEC_FILE, BASE_FILE):  # resuming on another machine: the saved spec
+                if storage.exists(storage.join(remote, resume, name)):
+                    storage.download(storage.join(remote, resume, name), exp_dir / name)
         if not (exp_dir / SPEC_FILE).exists():
             raise SearchError(f"no experiment '{resume}' under {output} to resume (looked for {exp_dir / SPEC_FILE})")
         tree = yaml.safe_load((exp_dir / SPEC_FILE).read_text())
@@ -237,12 +285,19 @@ def run_experiment(spec: SearchSpec, base: Config, *, resume: str | None = None)
     from safedpo_ray.ray_env import ensure_ray
 
     t0 = time.time()
+    from safedpo_ray import storage
+
     spec, base, exp_dir = prepare_experiment(spec, base, resume)
+    _, remote_base = experiments_base(base)
+    remote = storage.join(remote_base, exp_dir.name) if remote_base else None
     local = not (base.run.address or os.environ.get("RAY_ADDRESS"))
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # scored metrics come at the end only
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     ensure_ray(base.run)
+    storage.check_cluster_storage(base.run)  # several nodes: the experiment needs shared storage
     shared = _prepare_shared(base, exp_dir)
+    if remote:  # workers on any node load the model from the store
+        shared["model_path"] = storage.publish_driver_files(remote, exp_dir, shared["model_path"])
     (exp_dir / SHARED_FILE).write_text(json.dumps(shared, indent=2, default=str))
     ref = shared["reference"]
     print(f"[safedpo] experiment {exp_dir.name}: {ref['pairs']} pairs prepared once; reference log-probs "
@@ -252,9 +307,9 @@ def run_experiment(spec: SearchSpec, base: Config, *, resume: str | None = None)
     if restore:
         from ray import tune
 
-        if not tune.Tuner.can_restore(str(exp_dir)):
+        if not tune.Tuner.can_restore(remote or str(exp_dir)):
             restore = False  # interrupted before Tune saved any state: start the trials afresh
-    tuner = _tuner(spec, base, exp_dir, shared, local, restore)
+    tuner = _tuner(spec, base, exp_dir, shared, local, restore, remote_base)
     grid = tuner.fit()
     rows = _rows(grid, spec, base)
     out = write_results(exp_dir, rows, spec, base)
@@ -267,6 +322,11 @@ def run_experiment(spec: SearchSpec, base: Config, *, resume: str | None = None)
                "wall_time_s": round(time.time() - t0, 1), "safety": spec.safety, "helpfulness": spec.helpfulness,
                "safety_threshold": spec.safety_threshold, "params": list(spec.params)}
     (exp_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    if remote:  # the result files beside Tune's state and the trials' outputs
+        for item in sorted(exp_dir.iterdir()):
+            if item.is_file():
+                storage.upload(item, storage.join(remote, item.name))
+        summary["experiment_uri"] = storage.redact(remote)
     summary["table"] = table(rows, spec, out["best"])
     return summary
 
