@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -45,6 +46,7 @@ RAY_COMMANDS = ("train", "prepare", "sft", "evaluate", "train-scorer", "tune", "
 LIBRARY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "transformers", "datasets", "huggingface_hub",
                    "DeepSpeed", "deepspeed", "torch", "peft", "accelerate", "filelock", "urllib3")
 QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # colours Ray puts in its messages
 _FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 _session: "Session | None" = None
@@ -92,13 +94,12 @@ class Session:
         self.undo: list[Callable[[], None]] = []
         self.owns_ray = False
         self.ray_print: Callable | None = None
-        self.shown = 0  # lines printed from workers (tests count them)
 
     # -- the file ------------------------------------------------------------------------------
     def write(self, text: str) -> None:
         from safedpo_ray.secret_guard import redact
 
-        text = redact(text)
+        text = _ANSI.sub("", redact(text))
         with self.lock:
             if self.file is not None:
                 self.file.write(text)
@@ -133,6 +134,8 @@ class Session:
                 for h in console:
                     lg.removeHandler(h)
                     self.undo.append(lambda lg=lg, h=h: lg.addHandler(h))
+                if lg.propagate:
+                    continue  # the root logger writes its records to the file (quiet mode)
             lg.addHandler(self.handler)
             self.undo.append(lambda lg=lg: lg.removeHandler(self.handler))
 
@@ -148,8 +151,6 @@ class Session:
         self.undo.append(lambda: root.removeHandler(self.handler))
         logging.captureWarnings(True)
         self.undo.append(lambda: logging.captureWarnings(False))
-        import ray  # noqa: F401  (Ray configures its loggers, with a stderr handler, on import)
-
         try:  # transformers configures its logger (a stderr handler) on first use: do it now, then swap it
             from transformers.utils import logging as hf_logging
 
@@ -254,7 +255,6 @@ class Session:
 
                     with self.lock:
                         print(redact(line), file=sys.stdout, flush=True)
-                        self.shown += 1
         except Exception as exc:  # pragma: no cover - never break Ray's log thread
             self.write(f"safedpo console: {type(exc).__name__}: {exc}\n")
 
@@ -292,6 +292,13 @@ def start(command: str, verbose: bool = False) -> Session | None:
         return None
     finish()
     _session = Session(command, verbose)
+    from safedpo_ray.ray_env import driver_accelerator_env
+
+    name = driver_accelerator_env()  # a cause of a warning, fixed (not hidden) in both modes
+    if name:
+        _session.undo.append(lambda: os.environ.pop(name, None))
+    import ray  # noqa: F401  (Ray configures its loggers, with a stderr handler, on import: route them now)
+
     _session.quiet()
     if verbose:
         _session.route_loggers()

@@ -61,6 +61,20 @@ def ensure_ray(run: RunConfig) -> None:
     console.ray_ready(run, started=True)
 
 
+def driver_accelerator_env() -> str | None:
+    """Set DS_ACCELERATOR=cpu on a driver without CUDA, before anything imports DeepSpeed (transformers
+    does, on the driver too): DeepSpeed would pick the CPU anyway, with a warning on the console.
+    Returns the variable set (None: it was set already, or CUDA is there and detected silently)."""
+    if "DS_ACCELERATOR" in os.environ:
+        return None
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    return "DS_ACCELERATOR"
+
+
 def _bind_loopback() -> None:
     """A local Ray listens on 127.0.0.1 only (without this its GCS, raylet, agents and workers
     listened on 0.0.0.0/:: and took the machine's network address as the node's). Ray picks the

@@ -42,7 +42,7 @@ def test_yaml_then_overrides(tmp_path):
     ("trian.beta=0.1", "unknown config key 'trian'"),
     ("model.lora.rank=8", "unknown config key 'model.lora.rank'"),
     ("train.zero_stage=two", "'train.zero_stage' must be an integer"),
-    ("train.zero_stage=4", "'train.zero_stage' must be 0, 1, 2 or 3"),
+    ("train.zero_stage=4", "'train.zero_stage' must be one of 0, 1, 2, 3, got 4"),
     ("model.lora.enabled=maybe", "'model.lora.enabled' must be true or false"),
     ("data.mode=safest", "'data.mode' must be one of"),
     ("train.delta=-1", "'train.delta' must be >= 0"),

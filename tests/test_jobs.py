@@ -30,12 +30,12 @@ def project(tmp_path, monkeypatch):
 def test_config_travels_inside_the_working_dir(project):
     job = build_job(["--", "train", "--config", str(project / "configs" / "run.yaml"), "train.delta=5",
                      "run.storage_path=s3://b/runs?region=us-east-1"],
-                    working_dir=project, env={"HF_TOKEN": "x"})
+                    working_dir=project, env={"SAFEDPO_FLAG": "x"})  # secrets are refused: tests/test_secrets.py
     argv = shlex.split(job["entrypoint"])
     assert argv == ["safedpo-ray", "train", "--config", "configs/run.yaml", "train.delta=5",
                     "run.storage_path=s3://b/runs?region=us-east-1"]
     env = job["runtime_env"]
-    assert env["working_dir"] == str(project) and env["env_vars"] == {"HF_TOKEN": "x"}
+    assert env["working_dir"] == str(project) and env["env_vars"] == {"SAFEDPO_FLAG": "x"}
     for heavy in (".git", ".venv", "runs"):
         assert heavy in env["excludes"] and heavy in DEFAULT_EXCLUDES
     job = build_job(["train", "--config=configs/run.yaml"], working_dir=project)

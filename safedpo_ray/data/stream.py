@@ -329,7 +329,7 @@ def run_pipeline(chunks: list[Chunk], names: list[str], out_dir, params: dict[st
     specs = [{"chunk": json.dumps(asdict(c))} for c in chunks]
     ds = ray.data.from_items(specs, override_num_blocks=len(specs))
     ds = ds.map_batches(_process_batch, batch_size=1, batch_format="numpy", fn_kwargs={"p": params},
-                        num_cpus=1, ray_remote_args_fn=_spread)  # every node of a cluster reads
+                        num_cpus=1)  # Ray Data's default strategy, SPREAD: every node of a cluster reads
     if max_rows:
         ds = ds.limit(max_rows)
     tally = Tally({"train": params["mode"], "eval": "safedpo"})
@@ -353,10 +353,6 @@ def run_pipeline(chunks: list[Chunk], names: list[str], out_dir, params: dict[st
         tally.split(split)
     tally.splits["train"]["read_on_nodes"] = len(tally.nodes)
     return tally.splits
-
-
-def _spread() -> dict[str, Any]:
-    return {"scheduling_strategy": "SPREAD"}
 
 
 def _user_cause(exc: Exception) -> Exception:
