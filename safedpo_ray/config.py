@@ -128,8 +128,12 @@ class TrainConfig:
     """Learning rate at the end of the cosine decay, as a fraction of the peak."""
     cache_reference: bool = True
     """Compute reference log-probs once (a Ray actor pool before training) and keep them under
-    <output_dir>/.cache/reference, keyed by model, precision and tokenized pairs: later runs on the
-    same inputs reuse them, and workers hold no reference model. False: a live reference every step."""
+    <cache>/reference, keyed by the prepared pairs, model and precision: later runs on the same
+    inputs reuse them, and workers hold no reference model. False: a live reference every step."""
+    eval_at_start: str = "derived"
+    """Held-out metrics before training: 'derived' (π = π_ref at step 0, so every implicit reward is
+    0, margins 0 and accuracy ½: no forward pass; reference-free losses are measured), 'measured'
+    (a forward pass over the held-out pairs), or 'off'."""
     eval_every: int = 0
     """Held-out implicit-reward metrics every N optimizer steps, also reported to Tune (0: only
     before and after training)."""
@@ -372,6 +376,8 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"'train.max_steps' must be >= 1, got {t.max_steps}")
     if t.stop_at_step is not None and t.stop_at_step < 1:
         raise ConfigError(f"'train.stop_at_step' must be >= 1, got {t.stop_at_step}")
+    if t.eval_at_start not in ("derived", "measured", "off"):
+        raise ConfigError(f"'train.eval_at_start' must be one of derived, measured, off, got '{t.eval_at_start}'")
     if t.eval_every < 0:
         raise ConfigError(f"'train.eval_every' must be >= 0, got {t.eval_every}")
     if t.checkpoint_every < 0 or t.keep_checkpoints < 1:

@@ -106,6 +106,7 @@ RULES: dict[str, Any] = {
     "train.warmup_ratio": FRACTION,
     "train.min_lr_ratio": Range(0, 1),
     "train.eval_every": NON_NEGATIVE,
+    "train.eval_at_start": Choice(("derived", "measured", "off")),
     "train.log_every": AT_LEAST_ONE,
     "train.checkpoint_every": NON_NEGATIVE,
     "train.keep_checkpoints": AT_LEAST_ONE,

@@ -32,7 +32,8 @@ def test_simpo_holds_and_runs_no_reference(ray_local, tmp_path, cache):
 
 def test_ipo_with_live_reference(ray_local, tmp_path):
     s = train(load_config(None, SMALL + [f"run.output_dir={tmp_path}", "run.name=ipo", "train.loss=ipo",
-                                         "train.cache_reference=false", "train.delta=2.0"]))
+                                         "train.cache_reference=false", "train.delta=2.0",
+                                         "train.eval_at_start=measured"]))
     assert s["reference_model_held"] is True and s["reference_forwards"] > 0
     before, after = s["eval_before"], s["eval_after"]
     assert before["rewards/margins"] == 0.0  # a live frozen copy: exactly the policy at step 0

@@ -68,7 +68,8 @@ def test_chain_sft_then_safedpo(ray_local, tmp_path):
 
     d = train(load_config(CONFIGS / "chain-safedpo-tiny.yaml",
                           SMALL + [f"run.output_dir={tmp_path}", f"model.name_or_path={sft_model}",
-                                   "train.max_steps=8", "train.learning_rate=1e-3"]))
+                                   "train.max_steps=8", "train.learning_rate=1e-3",
+                                   "train.eval_at_start=measured"]))
     print(json.dumps({"safedpo_before": d["eval_before"], "safedpo_after": d["eval_after"]}, indent=1))
     before, after = d["eval_before"], d["eval_after"]
     # π = π_ref = the SFT model at the start (reference log-probs come from a separate pass,

@@ -35,7 +35,7 @@ def losses(summary: dict) -> dict[int, float]:
 
 def test_zero2_trains_exports_and_logs(ray_local, tmp_path):
     s = run(tmp_path, "z2", "train.zero_stage=2", "train.precision=bf16", "train.max_steps=12",
-            "run.tensorboard=true")
+            "run.tensorboard=true", "train.eval_at_start=measured")
     before, after = s["eval_before"], s["eval_after"]
     # policy == reference at the start, bit for bit: the cached reference pass uses the workers'
     # evaluation batches (a bf16 reference cast differently, or other batch shapes, drift)
@@ -59,7 +59,8 @@ def test_zero2_trains_exports_and_logs(ray_local, tmp_path):
 
 
 def test_zero3_bf16(ray_local, tmp_path):
-    s = run(tmp_path, "z3", "train.zero_stage=3", "train.precision=bf16", "train.max_steps=6")
+    s = run(tmp_path, "z3", "train.zero_stage=3", "train.precision=bf16", "train.max_steps=6",
+            "train.eval_at_start=measured")
     assert s["eval_before"]["rewards/margins"] == 0.0
     assert s["eval_after"]["rewards/margins/safe_unsafe"] > s["eval_before"]["rewards/margins/safe_unsafe"]
     model = load_model(s["model_dir"])
@@ -103,7 +104,11 @@ def test_accumulation_invariance(ray_local, tmp_path):
 def test_cached_reference_equals_live_reference(ray_local, tmp_path):
     cached = run(tmp_path, "cached", "train.epochs=1")  # a whole epoch: the cached pass is used
     assert cached["reference"]["computed"] and cached["reference_forwards"] == 0
-    live = run(tmp_path, "live", "train.max_steps=3", "train.cache_reference=false")
+    # held-out metrics at the start are derived (π = π_ref): no forward, the values a measurement gives
+    before = cached["eval_before"]
+    assert "loss" not in before and before["rewards/margins"] == 0.0 and before["rewards/accuracies"] == 0.5
+    assert before["pairs/safe_safe"] + before["pairs/safe_unsafe"] == cached["data"]["eval"]["pairs"]
+    live = run(tmp_path, "live", "train.epochs=1", "train.cache_reference=false")  # the same schedule
     assert "reference" not in live and live["reference_forwards"] > 0
     # a short run on more pairs than it trains: reference computed live, no pass over every pair
     short = run(tmp_path, "short", "train.max_steps=3")

@@ -154,6 +154,29 @@ class Worker:
         sums.sums = self.strategy.all_reduce_sum(sums.sums)
         return sums.as_dict()
 
+    def start_metrics(self) -> dict[str, float]:
+        """Held-out metrics before training (train.eval_at_start). 'derived': the policy is the
+        reference at step 0 (the same weights, precision and batches; LoRA starts at B = 0), so
+        every implicit reward is exactly 0: margins 0, accuracy ½ with ties counted half, and no
+        forward pass over the held-out pairs (a reference-free loss is measured instead)."""
+        how = self.cfg.train.eval_at_start
+        if how == "off" or self.eval_pairs is None:
+            return {}
+        if how == "measured" or not uses_reference(self.cfg.train.loss):
+            return self.evaluate()
+        from safedpo_ray.algorithm import PAIR_TYPES, pair_type_index
+
+        table = self.eval_pairs.table
+        types = pair_type_index(torch.as_tensor(table.column("chosen_unsafe").to_numpy(zero_copy_only=False)),
+                                torch.as_tensor(table.column("rejected_unsafe").to_numpy(zero_copy_only=False)))
+        counts = torch.bincount(types, minlength=len(PAIR_TYPES)).tolist()
+        zero = {"rewards/chosen": 0.0, "rewards/rejected": 0.0, "rewards/margins": 0.0, "rewards/accuracies": 0.5}
+        out = dict(zero)
+        for name, n in zip(PAIR_TYPES, counts):
+            if n:
+                out.update({f"{k}/{name}": v for k, v in zero.items()}, **{f"pairs/{name}": float(n)})
+        return out
+
     def train_step(self, step: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         lr = self.strategy.current_lr()  # the rate this step uses (the scheduler moves after it)
@@ -247,7 +270,7 @@ class Worker:
                   f"{self.total_steps} steps, {s.world_size} workers, ZeRO-{cfg.train.zero_stage}"
                   + (f", resuming at step {start}" if start else ""), flush=True)
         if "eval_before" not in state:
-            state["eval_before"] = self.evaluate()
+            state["eval_before"] = self.start_metrics()
             if log:
                 log.log(0, {"eval/" + k: v for k, v in state["eval_before"].items()})
         stop = min(self.total_steps, cfg.train.stop_at_step or self.total_steps)
