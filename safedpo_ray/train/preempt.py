@@ -98,8 +98,7 @@ class DriverSignals:
         self.requested_at: float | None = None
         self.marker: str | None = None  # set while fit() runs: where the stop marker goes
         self.marker_written = False
-        self.fit_thread: threading.Thread | None = None
-        self.forced = False
+        self.fit_done: threading.Event | None = None  # set when the fit() thread has returned
         self.trained = False  # fit() has returned
 
     @property
@@ -116,7 +115,6 @@ class DriverSignals:
                 raise Interrupted(f"{signal_name(signum)} received after training ended: stopped", signum)
             raise Interrupted(f"{signal_name(signum)} received before training started: stopped, nothing "
                               f"to save; {resume_hint(self.run_name)}", signum)
-        self.forced = self.marker is not None
         raise Interrupted(f"{signal_name(signum)} received again: stopped at once, without a new checkpoint; "
                           f"{resume_hint(self.run_name)} (from its last checkpoint)", signum)
 
@@ -131,7 +129,6 @@ class DriverSignals:
             print(f"[safedpo] {signal_name(self.signum)} received: saving a checkpoint after this step, then "
                   f"stopping (at most {self.stop_timeout_s:g} s; send it again to stop at once)", flush=True)
         if time.monotonic() - (self.requested_at or 0) > self.stop_timeout_s:
-            self.forced = True
             raise Interrupted(f"the run did not stop within run.stop_timeout_s={self.stop_timeout_s:g} s of "
                               f"{signal_name(self.signum)}: stopped at once; {resume_hint(self.run_name)} "
                               "(from its last checkpoint)", self.signum)
@@ -204,13 +201,10 @@ def stop_descendants(timeout_s: float) -> list[str]:
     the names of those killed."""
     deadline = time.monotonic() + timeout_s
     alive = live_descendants()
-    t0 = time.monotonic()
     while alive and time.monotonic() < deadline:
         time.sleep(0.2)
         _reap_zombies()
         alive = live_descendants()
-        if os.environ.get("DEBUG_REAP"):  # TEMP
-            print(f"DEBUG_REAP {time.monotonic() - t0:.1f}s: {[(p.name(), p.ppid()) for p in alive]}", flush=True)
     killed = []
     for p in alive:
         try:
@@ -224,28 +218,31 @@ def stop_descendants(timeout_s: float) -> list[str]:
     return killed
 
 
-def shutdown_ray(started_here: bool, *, timeout_s: float = 15.0, graceful: bool = True) -> None:
-    """Disconnect from Ray; a local Ray we started is stopped with it (ray.shutdown does that),
-    then every process of ours still alive is stopped."""
+def shutdown_ray(started_here: bool, *, timeout_s: float = 15.0) -> None:
+    """When this command initialised Ray: `ray.shutdown()` (it stops a local Ray we started, and
+    only disconnects from a cluster), then every process of ours still alive after `timeout_s` is
+    killed. Seen once in five signal runs here: a `ray::TrainController` whose core worker had
+    shut down but whose process was still alive 15 s later, so ray.shutdown alone is not enough."""
     import ray
 
-    if started_here and graceful and ray.is_initialized():
+    if not started_here:
+        return
+    if ray.is_initialized():
         try:
             ray.shutdown()
         except Exception as exc:  # keep going: the processes are stopped below
             print(f"[safedpo] warning: ray.shutdown failed: {exc}", flush=True)
-    if started_here:
-        killed = stop_descendants(timeout_s if graceful else 0.0)
-        if killed and graceful:
-            print(f"[safedpo] stopped processes left after Ray's shutdown: {', '.join(killed)}", flush=True)
+    killed = stop_descendants(timeout_s)
+    if killed:
+        print(f"[safedpo] stopped processes left after Ray's shutdown: {', '.join(killed)}", flush=True)
 
 
 @contextmanager
 def command_guard(run_cfg: Any = None) -> Iterator[DriverSignals]:
     """Around a CLI command that trains: signals ask for a checkpoint and a stop (see the module
     docstring); at the end, a Ray this command started is shut down and no process of ours is
-    left. Does nothing special off the main thread or when Ray was already initialised (a caller
-    that owns Ray, e.g. tests)."""
+    left. Off the main thread it does nothing; a Ray initialised before it (by a caller that owns
+    it, e.g. a test session) is left running."""
     global _active
     import ray
 
@@ -264,7 +261,8 @@ def command_guard(run_cfg: Any = None) -> Iterator[DriverSignals]:
     try:
         yield guard
     except Interrupted as stop:
-        if guard.fit_thread is not None and guard.fit_thread.is_alive():
+        # (not Thread.is_alive: a join() interrupted by an exception leaves it wrongly False)
+        if guard.fit_done is not None and not guard.fit_done.is_set():
             # fit() is still blocked inside Ray: no orderly shutdown from here. Our processes are
             # killed (a cluster ends the job's actors when this driver goes), then we leave.
             for s in SIGNALS:
@@ -316,19 +314,20 @@ def run_fit(fit: Callable[[], Any], *, root: str) -> Any:
         return fit()
     rearm()
     box: dict[str, Any] = {}
+    done = threading.Event()
 
     def target() -> None:
         try:
             box["result"] = fit()
         except BaseException as exc:  # handed to the main thread
             box["error"] = exc
+        finally:
+            done.set()
 
-    thread = threading.Thread(target=target, name="safedpo-fit", daemon=True)
-    guard.fit_thread, guard.marker = thread, marker
-    thread.start()
+    guard.fit_done, guard.marker = done, marker
+    threading.Thread(target=target, name="safedpo-fit", daemon=True).start()
     try:
-        while thread.is_alive():
-            thread.join(0.2)
+        while not done.wait(0.2):
             guard.poll()
     finally:
         guard.marker, guard.trained = None, True
@@ -356,7 +355,7 @@ def explain(run_name: str | None, error: BaseException) -> UserError | None:
     if key not in text:
         return None
     detail = text[text.index(key) + len(key):].splitlines()[0].strip()
-    return Stopped(f"{detail}; Ray Train did not restart it (run.max_failures); {resume_hint(run_name)}",
+    return Stopped(f"{detail}; Ray Train's restarts (run.max_failures) are used up; {resume_hint(run_name)}",
                    signal.SIGTERM)
 
 

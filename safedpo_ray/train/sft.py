@@ -26,6 +26,7 @@ from safedpo_ray.config import Config, dump_config
 from safedpo_ray.data.pipeline import read_splits, validate_rows, write_quarantine
 from safedpo_ray.data.sft import PLAIN, SFT_COLUMNS, examples_dataset, format_sft_stats, sft_schema, validate_plain_rows
 from safedpo_ray.ray_env import ensure_ray
+from safedpo_ray.train import preempt
 from safedpo_ray.train.trainer import _check_resources, _check_run_dir, resolve_model, run_dir_for
 
 
@@ -90,6 +91,7 @@ def prepare_sft(cfg: Config, run_dir: Path) -> Prepared:
 def sft(cfg: Config) -> dict[str, Any]:
     """Run supervised fine-tuning as configured; returns the summary (also <run>/summary.json)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.data import ExecutionOptions
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from safedpo_ray.train.sft_worker import sft_loop
@@ -103,6 +105,7 @@ def sft(cfg: Config) -> dict[str, Any]:
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     t0 = time.time()
     ensure_ray(cfg.run)
+    preempt.rearm()  # ray.init replaced our SIGTERM/SIGINT handlers
     _check_resources(cfg)
     prepared = prepare_sft(cfg, run_dir)
     for ds in prepared.datasets.values():
@@ -116,17 +119,21 @@ def sft(cfg: Config) -> dict[str, Any]:
                                      resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
         run_config=RunConfig(name=cfg.run.name, storage_path=storage,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-                             failure_config=FailureConfig(max_failures=cfg.run.max_failures)),
+                             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+                             callbacks=preempt.worker_callbacks(cfg.run.stop_timeout_s)),  # a worker's SIGTERM
         datasets={k: v.select_columns(SFT_COLUMNS) for k, v in prepared.datasets.items()},
         # Every worker holds every example and takes its share by index (train/sampler.py).
-        dataset_config=DataConfig(datasets_to_split=[]),
+        # Our own ExecutionOptions: Ray Train's defaults copy DataContext's and set the deprecated
+        # `exclude_resources` (a RayDeprecationWarning from every run).
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions()),
     )
-    result = trainer.fit()
+    result = preempt.run_fit(trainer.fit, root=str(run_dir))  # signals: checkpoint and stop (train/preempt.py)
     if result.error:
         raise result.error
     summary = {"run_dir": str(run_dir), "stage": "sft", "data": prepared.stats, **(result.return_value or {}),
                "wall_time_s": round(time.time() - t0, 1)}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    preempt.raise_if_stopped(summary, cfg.run.name)
     return summary
 
 
@@ -150,8 +157,9 @@ def format_sft_summary(summary: dict[str, Any]) -> str:
 def cmd_sft(args: argparse.Namespace) -> int:
     from safedpo_ray.config import load_config
 
-    summary = sft(load_config(args.config, args.overrides))
-    print(format_sft_summary(summary))
+    cfg = load_config(args.config, args.overrides)
+    with preempt.command_guard(cfg.run):  # SIGTERM/SIGINT: checkpoint, stop; nothing of ours left after
+        print(format_sft_summary(sft(cfg)))
     return 0
 
 

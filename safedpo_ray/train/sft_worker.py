@@ -31,6 +31,7 @@ from safedpo_ray.models import apply_lora, export_model, is_peft_model, load_mod
 from safedpo_ray.train.metrics_log import MetricsLog
 from safedpo_ray.train.sampler import PairSampler
 from safedpo_ray.train.strategy import DeepSpeedStrategy
+from safedpo_ray.train import preempt
 from safedpo_ray.train.worker import restore_checkpoint
 
 
@@ -184,6 +185,7 @@ class SftWorker:
             if log:
                 log.log(0, {"eval/" + k: v for k, v in state["eval_before"].items()})
         stop = min(self.total_steps, cfg.train.stop_at_step or self.total_steps)
+        stop_check = preempt.StopCheck(str(self.run_dir), s)  # signals (train/preempt.py)
         started = time.time()
         for step in range(start, stop):
             metrics = self.train_step(step)
@@ -194,8 +196,17 @@ class SftWorker:
                       f"lr {metrics['lr']:.2e} {metrics['tokens_per_s']:.0f} tok/s {metrics['step_time_s']:.2f} s/step "
                       f"elapsed {time.time() - started:.0f}s", flush=True)
             every = cfg.train.checkpoint_every
-            if (every and done % every == 0) or done == stop:
+            saved = (every and done % every == 0) or done == stop
+            if saved:
                 self.checkpoint(done, metrics, state)
+            request = stop_check.poll(done, stop)  # all ranks: a signal asks for a checkpoint now
+            if request:
+                if not saved:
+                    self.checkpoint(done, metrics, state)
+                request.after_checkpoint(done)
+                if request.ends_run:
+                    stop = done
+                    break
         result: dict[str, Any] = {"eval_before": state["eval_before"], "last_step": stop}
         if stop == self.total_steps:
             result["eval_after"] = self.evaluate()
