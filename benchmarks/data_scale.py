@@ -167,6 +167,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--out", default=None, help="work directory (default: a temporary one)")
     ap.add_argument("--no-trl", action="store_true")
+    ap.add_argument("--eval-fraction", type=float, default=0.002)
     args = ap.parse_args()
     work = Path(args.out or tempfile.mkdtemp(prefix="safedpo-scale-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -182,8 +183,10 @@ def main() -> None:
         data = work / f"rows_{n}.jsonl"
         kind = write_rows(data, n)
         out = work / f"out_{n}"
+        # A held-out split of 0.2% (2,000 rows at 1M): the run's final held-out evaluation is a
+        # forward pass over every held-out pair, which at the 5% default would dwarf two steps.
         common = [f"data.source={data}", f"run.output_dir={out}", "data.max_length=512",
-                  "data.max_prompt_length=256"]
+                  "data.max_prompt_length=256", f"data.eval_fraction={args.eval_fraction}"]
         prep = run([exe, "prepare", *common, "run.name=prepare"], log=work / f"prepare_{n}.log")
         stats = json.loads((out / "prepare" / "data_stats.json").read_text())
         rows_read = sum(s["rows_read"] for s in stats.values())

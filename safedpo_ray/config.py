@@ -59,7 +59,7 @@ class DataConfig:
     """Rows per Ray Data tokenization batch (SFT and scorer data; training data streams in batches of 1024)."""
     max_row_bytes: int = 8388608
     """A row (a .jsonl line) longer than this many bytes is quarantined unread."""
-    chunk_mb: int = 64
+    chunk_mb: int = 32
     """A .jsonl file larger than this is read by several tasks, one per this many MB."""
 
 
