@@ -49,6 +49,11 @@ def test_a_split_is_memory_mapped_not_copied(tmp_path):
     # only the pair ids (8 bytes a pair) are copied out of the map
     assert pa.total_allocated_bytes() - before < 0.1 * size
     assert table.pair_ids.nbytes == 8 * 40000
+    # and a batch copies its rows, not the columns they sit in (Arrow's `take` over a table of
+    # several record batches concatenates each column first)
+    peak = pa.default_memory_pool().max_memory()
+    table.batch([5, 39999, 20000, 1001])
+    assert pa.default_memory_pool().max_memory() - peak < 0.05 * size
 
 
 def test_reference_logps_must_match_the_pairs(tmp_path):

@@ -28,6 +28,7 @@ class PairTable:
     def __init__(self, uri: str, reference_uri: str | None = None):
         self.table = open_split(uri)
         self.pair_ids = self.table.column("pair_id").to_numpy()
+        self._columns = self.table.select([*ID_COLUMNS, "chosen_unsafe", "rejected_unsafe"])
         self.ref: tuple[np.ndarray, np.ndarray] | None = None
         if reference_uri:
             ref = open_split(reference_uri)
@@ -41,8 +42,14 @@ class PairTable:
     def batch(self, positions: list[int]) -> dict[str, Any]:
         """Columns of the pairs at `positions`, as collate_pairs takes them."""
         idx = np.asarray(positions, dtype=np.int64)
-        rows = self.table.select([*ID_COLUMNS, "chosen_unsafe", "rejected_unsafe"]).take(pa.array(idx))
-        out: dict[str, Any] = rows.to_pydict()
+        # One zero-copy slice per row: `take` on a multi-chunk table concatenates whole columns
+        # (a copy of the split per batch).
+        columns = self._columns
+        out: dict[str, Any] = {k: [] for k in columns.column_names}
+        for i in idx.tolist():
+            row = columns.slice(i, 1).to_pydict()
+            for k, v in row.items():
+                out[k].append(v[0])
         if self.ref is not None:
             out["ref_chosen_logps"], out["ref_rejected_logps"] = self.ref[0][idx], self.ref[1][idx]
         return out
