@@ -314,7 +314,8 @@ def _jsonl_rows(chunk: Chunk, max_row_bytes: int) -> Iterator[dict[str, Any]]:
                 pos += _skip_line(f)  # the next line starts here: maybe past this chunk's end
                 line_no += 1
         while end is None or pos < end:
-            line, length, consumed = _read_line(f, max_row_bytes)
+            bom_room = len(BOM) if line_no == 1 and pos == 0 else 0  # a BOM is not the row's bytes
+            line, length, consumed = _read_line(f, max_row_bytes + bom_room)
             if not consumed:
                 break
             pos += consumed
