@@ -57,6 +57,10 @@ class DataConfig:
     """Maximum prompt tokens; longer prompts keep their last tokens."""
     tokenize_batch_size: int = 256
     """Rows per Ray Data tokenization batch (SFT and scorer data; training data streams in batches of 1024)."""
+    drop_duplicates: bool = False
+    """Quarantine a row identical to an earlier row of its split (prompt, responses, labels) as
+    "duplicate of row N of FILE". False: duplicates are kept (counted in data_stats.json as
+    rows_duplicate): a repeated pair can be deliberate weight, e.g. sampled data."""
     max_row_bytes: int = 8388608
     """A row (a .jsonl line) longer than this many bytes is quarantined unread."""
     chunk_mb: int = 32

@@ -124,6 +124,7 @@ RULES: dict[str, Any] = {
 # Keys whose values are free by design (names, paths, seeds, switches): no rule.
 FREE = {
     "data.source", "data.split", "data.subset", "data.eval_source", "data.eval_split", "data.strict",
+    "data.drop_duplicates",
     "model.name_or_path", "model.gguf_file", "model.trust_remote_code", "model.gradient_checkpointing",
     "model.lora.enabled", "model.lora.target_modules",
     "train.seed", "train.cache_reference", "train.record_pairs",

@@ -51,13 +51,13 @@ def tok(tmp_path_factory) -> str:
 def params(tok: str, **kw) -> dict:
     return {"schema": "auto", "strict": False, "eval_fraction": 0.0, "mode": "safedpo", "tokenizer": tok,
             "trust_remote_code": False, "max_length": MAX_LENGTH, "max_prompt_length": MAX_PROMPT,
-            "max_row_bytes": MAX_ROW_BYTES, **kw}
+            "max_row_bytes": MAX_ROW_BYTES, "drop_duplicates": True, **kw}
 
 
 def local_pipeline(source: str, p: dict, *, chunk_bytes: int = 64 * 2**20):
     """run_pipeline without Ray: the same per-chunk work and the same driver-side counting."""
     chunks, names, _ = chunks_for(source, chunk_bytes=chunk_bytes)
-    tally = Tally({"train": p["mode"], "eval": "safedpo"})
+    tally = Tally({"train": p["mode"], "eval": "safedpo"}, p["drop_duplicates"])
     pairs: dict[str, list] = {"train": [], "eval": []}
     quarantine: list[dict] = []
     for chunk in chunks:
@@ -325,6 +325,9 @@ def test_duplicates_across_files_name_the_first_copy(tok, tmp_path):
     assert [(Path(x["file"]).name, x["row_number"], x["reasons"]) for x in q] == [
         ("b.json", 2, [f"duplicate of row 1 of {names[0]}"])]
     assert stats["train"]["rows_duplicate"] == 1 and stats["train"]["pairs"] == 3
+    # by default a duplicate is counted, not dropped (a repeated pair can be deliberate weight)
+    stats, pairs, q, _ = local_pipeline(str(d), params(tok, drop_duplicates=False))
+    assert q == [] and stats["train"]["rows_duplicate"] == 1 and stats["train"]["pairs"] == 4
 
 
 def test_empty_held_out_split_and_a_dataset_t_discards_entirely(tok, tmp_path):
@@ -494,6 +497,7 @@ def test_prepare_through_ray_in_many_chunks_matches_row_by_row(ray_local, tok, t
     path = tmp_path / "messy.jsonl"
     path.write_bytes(raw)
     cfg = load_config(None, [f"data.source={path}", "data.eval_fraction=0.3", f"data.max_row_bytes={MAX_ROW_BYTES}",
+                             "data.drop_duplicates=true",
                              f"data.max_length={MAX_LENGTH}", f"data.max_prompt_length={MAX_PROMPT}",
                              f"model.name_or_path={tok}", f"run.output_dir={tmp_path}", "run.name=messy"])
     chunks, names, identity = chunks_for(str(path), chunk_bytes=2500)  # 5 tasks; 2 start inside row 16
@@ -550,5 +554,5 @@ def test_prepare_without_held_out_pairs_and_t_discarding_everything(ray_local, t
     assert rc == 2
     lines = [x for x in err.splitlines() if x.startswith("safedpo-ray: ")]
     assert lines[0] == ("safedpo-ray: data.mode=safedpo kept no training pairs: T discarded all of them "
-                        "(transform outcomes: {'unsafe_unsafe': {'discarded': 4}})")
+                        "(4 valid rows, 0 quarantined; transform outcomes: {'unsafe_unsafe': {'discarded': 4}})")
     assert all("logs" in x for x in lines[1:]) and "Traceback" not in err  # then only where Ray's logs are

@@ -191,7 +191,7 @@ def prepare_data(cfg, *, chunks, names: list[str], identity: list[str], tokenize
         params = {"schema": d.schema, "strict": d.strict, "eval_fraction": d.eval_fraction, "mode": d.mode,
                   "tokenizer": tokenizer_path, "trust_remote_code": cfg.model.trust_remote_code,
                   "max_length": d.max_length, "max_prompt_length": d.max_prompt_length,
-                  "max_row_bytes": d.max_row_bytes}
+                  "max_row_bytes": d.max_row_bytes, "drop_duplicates": d.drop_duplicates}
         try:
             chunks = number_chunks(chunks, mapper=ray_map)  # row numbers of large .jsonl byte ranges
             stats = run_pipeline(chunks, names, tmp, params, max_rows=d.max_rows, progress=progress)
@@ -229,8 +229,8 @@ def check_pairs(stats: dict[str, Any], mode: str) -> None:
         raise DataError(f"all {train['rows_read']} training rows were quarantined: none is a valid row "
                         "(see quarantine.jsonl for each row's reason)")
     valid = train["rows_read"] - train["rows_quarantined"]
-    raise DataError(f"data.mode={mode} kept no training pairs: T discarded all {valid} valid rows "
-                    f"({train['rows_quarantined']} more were quarantined; transform outcomes: {train['transform']})")
+    raise DataError(f"data.mode={mode} kept no training pairs: T discarded all of them ({valid} valid rows, "
+                    f"{train['rows_quarantined']} quarantined; transform outcomes: {train['transform']})")
 
 
 def copy_run_files(prepared: PreparedData, run_dir: Path) -> int:

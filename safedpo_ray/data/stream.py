@@ -227,8 +227,8 @@ class SplitWriter:
 class Tally:
     """The statistics of data_stats.json, as counts updated per batch."""
 
-    def __init__(self, modes: dict[str, str]):
-        self.modes = modes
+    def __init__(self, modes: dict[str, str], drop_duplicates: bool = False):
+        self.modes, self.drop_duplicates = modes, drop_duplicates
         self.splits: dict[str, dict[str, Any]] = {}
         self.seen: dict[str, dict[int, int]] = {"train": {}, "eval": {}}  # dup key → first pair_id
         self.rows = self.quarantined = 0
@@ -263,8 +263,9 @@ class Tally:
                 continue
             first = self.seen[split].setdefault(d["dup"][i], d["pair_id"][i])
             if first != d["pair_id"][i]:
-                s["rows_quarantined"] += 1
                 s["rows_duplicate"] += 1
+            if first != d["pair_id"][i] and self.drop_duplicates:
+                s["rows_quarantined"] += 1
                 f, n = row_location(first)
                 quarantine.append({"split": split, "file": names[d["file_index"][i]],
                                    "row_number": d["row_number"][i],
@@ -332,7 +333,7 @@ def run_pipeline(chunks: list[Chunk], names: list[str], out_dir, params: dict[st
                         num_cpus=1)  # Ray Data's default strategy, SPREAD: every node of a cluster reads
     if max_rows:
         ds = ds.limit(max_rows)
-    tally = Tally({"train": params["mode"], "eval": "safedpo"})
+    tally = Tally({"train": params["mode"], "eval": "safedpo"}, params.get("drop_duplicates", False))
     writers = {s: SplitWriter(out_dir / f"{s}.arrow") for s in ("train", "eval")}
     bar = Progress(enabled=progress)
     with (out_dir / "quarantine.jsonl").open("w") as q:
@@ -351,7 +352,8 @@ def run_pipeline(chunks: list[Chunk], names: list[str], out_dir, params: dict[st
     bar.update(tally, final=True)
     for split in ("train", "eval"):
         tally.split(split)
-    tally.splits["train"]["read_on_nodes"] = len(tally.nodes)
+    if len(tally.nodes) > 1 and progress:
+        print(f"[safedpo] rows were read on {len(tally.nodes)} nodes", flush=True)
     return tally.splits
 
 
