@@ -10,7 +10,8 @@ from typing import Callable
 
 import torch
 
-from safedpo_ray.logprobs import sequence_logps
+from safedpo_ray import logp_head
+from safedpo_ray.logprobs import per_sequence_sums, token_logps_from_logits
 from safedpo_ray.loss import preference_loss, uses_reference
 
 PAIR_TYPES = ("safe_safe", "safe_unsafe", "unsafe_safe", "unsafe_unsafe")
@@ -25,10 +26,57 @@ METRICS = (
 )
 
 
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's keyword arguments for a collated batch, padded or packed (data/packing.py)."""
+    if "position_ids" in batch:  # packed: sequence boundaries are where the positions restart
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+
+
+def _targets_of(batch: dict[str, torch.Tensor]):
+    if "target_ids" in batch:
+        return batch["target_ids"], batch["target_mask"], batch["seq_index"], int(batch["num_sequences"])
+    # A padded batch built by hand (input_ids, attention_mask, loss_mask): position t targets t+1.
+    ids, loss_mask = batch["input_ids"], batch["loss_mask"]
+    target_ids, target_mask = torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
+    target_ids[:, :-1], target_mask[:, :-1] = ids[:, 1:], loss_mask[:, 1:].bool()
+    n = ids.shape[0]
+    return target_ids, target_mask, torch.arange(n, device=ids.device)[:, None].expand_as(ids), n
+
+
+def sequence_logps_and_lengths(model: Callable, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence sums of response-token log-probs and response token counts, [2B] each, from
+    one forward over the batch's rows. When the model's output layer is a log-prob layer
+    (logp_head.install) only response positions are projected onto the vocabulary, in chunks;
+    otherwise from the full logits."""
+    target_ids, target_mask, seq_index, n = _targets_of(batch)
+    head = logp_head.find(model)
+    if head is not None:
+        with logp_head.targets(head, target_ids, target_mask):
+            token_logps = model(**model_inputs(batch)).logits[target_mask]
+    else:
+        logits = model(**model_inputs(batch)).logits
+        token_logps = token_logps_from_logits(logits, target_ids, target_mask)
+    return per_sequence_sums(token_logps, seq_index[target_mask], n)
+
+
+def packing_gap(model: Callable, packed: dict[str, torch.Tensor], padded: dict[str, torch.Tensor]) -> float:
+    """Largest relative gap |packed − padded| / (1 + |padded|) between the per-sequence log-probs
+    of the same pairs laid out packed and padded (no gradients). Rounding gives ~1e-6 in fp32; a
+    model whose attention crosses the sequence boundaries of packed rows gives far more."""
+    with torch.no_grad():
+        a, _ = sequence_logps_and_lengths(model, packed)
+        b, _ = sequence_logps_and_lengths(model, padded)
+    return float(((a - b).abs() / (1 + b.abs())).max())
+
+
+PACKING_TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2}
+"""Largest `packing_gap` still taken for rounding, by precision."""
+
+
 def concatenated_logps_and_lengths(model: Callable, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """Chosen and rejected sequence log-probs and response token counts, one forward over [2B, L]."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    logps, lengths = sequence_logps(out.logits, batch["input_ids"], batch["loss_mask"])
+    """Chosen and rejected sequence log-probs and response token counts, one forward over the batch."""
+    logps, lengths = sequence_logps_and_lengths(model, batch)
     half = logps.shape[0] // 2
     return logps[:half], logps[half:], lengths[:half], lengths[half:]
 

@@ -130,6 +130,15 @@ class TrainConfig:
     """Fraction of steps with linear learning-rate warmup; cosine decay after."""
     min_lr_ratio: float = 0.0
     """Learning rate at the end of the cosine decay, as a fraction of the peak."""
+    pack_sequences: bool = True
+    """Pack a micro-batch's sequences into shared rows (position ids restart per sequence, the
+    attention stays within each sequence) instead of padding each to the longest: the same
+    log-probs, fewer padded tokens computed. Checked against the padded layout on the first
+    micro-batch; a model whose attention does not honour the boundaries falls back to padding."""
+    logits_chunk_tokens: int = 1024
+    """Project only response positions onto the vocabulary, this many tokens at a time, and never
+    hold a batch's full [tokens, vocab] logits (0: the model's full logits, as transformers
+    computes them)."""
     cache_reference: bool = True
     """Compute reference log-probs once (a Ray actor pool before training) and keep them under
     <cache>/reference, keyed by the prepared pairs, model and precision: later runs on the same
@@ -384,6 +393,8 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"'train.eval_at_start' must be one of derived, measured, off, got '{t.eval_at_start}'")
     if t.eval_every < 0:
         raise ConfigError(f"'train.eval_every' must be >= 0, got {t.eval_every}")
+    if t.logits_chunk_tokens < 0:
+        raise ConfigError(f"'train.logits_chunk_tokens' must be >= 0 (0: full logits), got {t.logits_chunk_tokens}")
     if t.checkpoint_every < 0 or t.keep_checkpoints < 1:
         raise ConfigError("'train.checkpoint_every' must be >= 0 and 'train.keep_checkpoints' >= 1")
     if r.resume and not r.name:

@@ -109,13 +109,20 @@ def collate_pairs(
     pad_token_id: int,
     *,
     pad_to_multiple_of: int | None = None,
+    pack: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Concatenated batch: rows 0..B-1 are prompt+chosen, rows B..2B-1 prompt+rejected.
+    """A micro-batch of B pairs as model input: sequences 0..B-1 are prompt+chosen, B..2B-1
+    prompt+rejected (data/packing.py has the two layouts).
 
-    Returns `input_ids`, `attention_mask`, `loss_mask` (1 exactly on response tokens), all
-    [2B, L] right-padded with `pad_token_id`, plus `chosen_unsafe`/`rejected_unsafe` float [B]
-    tensors when those columns exist. Accepts row dicts or a columnar dict (lists/numpy arrays).
+    Padded (default): `input_ids`, `attention_mask`, `loss_mask` (1 exactly on response tokens),
+    all [2B, L] right-padded with `pad_token_id`. Packed (`pack=True`): the 2B sequences share
+    rows, with `position_ids` restarting per sequence and no attention mask. Both give
+    `target_ids`/`target_mask` (the response token each position predicts), `seq_index`,
+    `num_sequences` and `num_tokens`, plus `chosen_unsafe`/`rejected_unsafe` float [B] tensors
+    when those columns exist. Accepts row dicts or a columnar dict (lists/numpy arrays).
     """
+    from safedpo_ray.data.packing import packed_layout, padded_layout
+
     cols = _rows_to_columns(rows)
     for col in _ID_COLUMNS:
         if col not in cols:
@@ -126,20 +133,9 @@ def collate_pairs(
     if batch == 0 or len(responses) != 2 * batch:
         raise ValueError("collate_pairs needs a non-empty batch with equal-length id columns")
     prompts = prompts + prompts
-
-    length = max(len(p) + len(r) for p, r in zip(prompts, responses))
-    if pad_to_multiple_of:
-        length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
-    input_ids = torch.full((2 * batch, length), int(pad_token_id), dtype=torch.long)
-    attention_mask = torch.zeros((2 * batch, length), dtype=torch.long)
-    loss_mask = torch.zeros((2 * batch, length), dtype=torch.long)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        n_p, n = len(p), len(p) + len(r)
-        input_ids[i, :n] = torch.tensor(p + r, dtype=torch.long)
-        attention_mask[i, :n] = 1
-        loss_mask[i, n_p:n] = 1
-
-    out = {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+    layout = packed_layout if pack else padded_layout
+    out = layout([p + r for p, r in zip(prompts, responses)], [len(p) for p in prompts],
+                 pad_token_id, pad_to_multiple_of)
     for col in _FLAG_COLUMNS:
         if col in cols:
             out[col] = torch.tensor([float(v) for v in _as_list(cols[col])], dtype=torch.float32)

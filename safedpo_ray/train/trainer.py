@@ -96,6 +96,7 @@ def attach_reference(cfg: Config, prepared: Prepared, *, shared: bool = False) -
         cache_base=cache_base(cfg.run), local_base=local_cache_base(cfg.run),
         batch_size=cfg.train.micro_batch_size, num_actors=workers, cpus_per_actor=cfg.run.cpus_per_worker,
         use_gpu=cfg.run.use_gpu, world_size=workers, trust_remote_code=cfg.model.trust_remote_code,
+        pack=cfg.train.pack_sequences, logits_chunk_tokens=cfg.train.logits_chunk_tokens,
     )
     print(f"[safedpo] {prepared.reference.describe()}", flush=True)
 

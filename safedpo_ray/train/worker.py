@@ -22,8 +22,11 @@ from safedpo_ray.algorithm import (
     concatenated_logps,
     loss_options,
     safedpo_forward,
+    PACKING_TOLERANCE,
+    packing_gap,
     tie_aware_accuracy,
 )
+from safedpo_ray import logp_head
 from safedpo_ray.config import Config, config_from_dict
 from safedpo_ray.loss import uses_reference
 from safedpo_ray.data.tokenize import collate_pairs
@@ -85,6 +88,7 @@ class Worker:
                 model.enable_input_require_grads()
         elif not self.reference_cached and uses_reference(cfg.train.loss):  # SimPO needs none
             reference = make_reference_copy(model)
+        self.logits_note = install_logp_heads(cfg, model, reference)
 
         # The prepared splits, memory-mapped (token ids stay in the files' pages), with their
         # cached reference log-probs row for row.
@@ -102,6 +106,8 @@ class Worker:
         self.engine = s.prepare(model, self.total_steps)
         self.reference = s.prepare_reference(reference) if reference is not None else None
         self.pad_id = self.tokenizer.pad_token_id
+        self.pack = cfg.train.pack_sequences
+        self.packing_note = ""
 
     # -- pieces --------------------------------------------------------------------------------
     def live_reference_logps(self, batch):
@@ -118,9 +124,9 @@ class Worker:
             return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         return self.live_reference_logps(batch)
 
-    def collate(self, pairs: PairTable, positions: list[int]) -> dict[str, torch.Tensor]:
+    def collate(self, pairs: PairTable, positions: list[int], pack: bool | None = None) -> dict[str, torch.Tensor]:
         columns = pairs.batch(positions)
-        batch = collate_pairs(columns, self.pad_id)
+        batch = collate_pairs(columns, self.pad_id, pack=self.pack if pack is None else pack)
         if "ref_chosen_logps" in columns:
             for key in ("ref_chosen_logps", "ref_rejected_logps"):
                 batch[key] = torch.as_tensor(columns[key], dtype=torch.float32)
@@ -190,7 +196,7 @@ class Worker:
             self.strategy.backward(loss)
             self.strategy.step()
             sums.add(per_example, batch["chosen_unsafe"], batch["rejected_unsafe"])
-            tokens += int(batch["attention_mask"].sum())
+            tokens += int(batch["num_tokens"])
         flat = torch.cat([sums.sums.flatten(), torch.tensor([float(tokens)], dtype=torch.float64)])
         flat = self.strategy.all_reduce_sum(flat)
         sums.sums = flat[:-1].view_as(sums.sums)
@@ -201,6 +207,26 @@ class Worker:
             step_time_s=step_time, tokens_per_s=float(flat[-1]) / step_time,
         )
         return metrics
+
+    def check_packing(self, step: int) -> None:
+        """Packed rows must give the padded rows' log-probs: a model whose attention ignores the
+        sequence boundaries in position_ids (custom code) would leak across packed sequences.
+        Compared once on this step's first micro-batch, all ranks agreeing; packing is turned off
+        (with a note) when they differ by more than rounding."""
+        if not self.pack:
+            return
+        positions = self.sampler.indices(step, 0)
+        self.engine.eval()
+        gap = packing_gap(self.engine, self.collate(self.train_pairs, positions, True),
+                          self.collate(self.train_pairs, positions, False))
+        self.engine.train()
+        # A sum of non-negative gaps over ranks: within tolerance only if every rank's is.
+        gap = float(self.strategy.all_reduce_sum(torch.tensor([gap], dtype=torch.float64))[0])
+        tolerance = PACKING_TOLERANCE[self.cfg.train.precision]
+        if gap > tolerance:
+            self.pack = False
+            self.packing_note = (f"sequence packing off: packed rows gave log-probs {gap:.2g} (relative) away "
+                                 "from padded ones; this model's attention does not keep packed sequences apart")
 
     def checkpoint(self, step: int, metrics: dict[str, Any], state: dict[str, Any]) -> None:
         import ray.train
@@ -269,6 +295,11 @@ class Worker:
                   f"{len(self.eval_pairs) if self.eval_pairs else 0} held-out pairs, "
                   f"{self.total_steps} steps, {s.world_size} workers, ZeRO-{cfg.train.zero_stage}"
                   + (f", resuming at step {start}" if start else ""), flush=True)
+        self.check_packing(start)
+        if log:
+            for note in (self.logits_note, self.packing_note):
+                if note:
+                    print(f"[safedpo] {note}", flush=True)
         if "eval_before" not in state:
             state["eval_before"] = self.start_metrics()
             if log:
@@ -326,6 +357,21 @@ class Worker:
             (self.run_dir / "train_result.json").write_text(json.dumps(result, indent=2))
             self.outputs.finish()  # an object-store root gets everything rank 0 wrote
         return result
+
+
+def install_logp_heads(cfg: Config, model, reference) -> str:
+    """train.logits_chunk_tokens > 0: the policy's (and a frozen reference's) output layer
+    projects only response positions, in chunks (logp_head.py). Returns a note when the model
+    keeps its full logits."""
+    if not cfg.train.logits_chunk_tokens:
+        return ""
+    reason = logp_head.unsupported_reason(model)
+    if reason:
+        return f"full logits: {reason}"
+    for m in (model, reference):
+        if m is not None:
+            logp_head.install(m, cfg.train.logits_chunk_tokens)
+    return ""
 
 
 def quiet_ray_train_reports() -> None:
