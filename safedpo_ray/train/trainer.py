@@ -101,6 +101,19 @@ def attach_reference(cfg: Config, prepared: Prepared, *, shared: bool = False) -
     print(f"[safedpo] {prepared.reference.describe()}", flush=True)
 
 
+def torch_threads(run) -> int:
+    """Intra-op threads for each training worker: its reserved CPUs; on a local Ray this process
+    started, at least its share of the machine's cores (Ray's workers start with one thread, and a
+    single worker on a laptop would leave the other cores idle)."""
+    from safedpo_ray import ray_env
+
+    threads = max(1, int(run.cpus_per_worker))
+    local = getattr(ray_env, "_local_cores", None)
+    if local and not run.use_gpu:
+        threads = max(threads, local // run.num_workers)
+    return threads
+
+
 def run_dir_for(cfg: Config) -> Path:
     if not cfg.run.name:
         cfg.run.name = time.strftime("safedpo-%Y%m%d-%H%M%S")
@@ -209,7 +222,8 @@ def fit(cfg: Config, run_dir: Path, prepared: Prepared, *, storage: str, started
         train_loop_config={"config": cfg.to_dict(), "model_path": prepared.model_path, "run_dir": str(run_dir),
                            "has_eval": prepared.has_eval, "reference_cached": reference_cached,
                            **prepared.pair_files(),  # workers memory-map the prepared files
-                           "storage_root": root or str(run_dir)},  # where rank 0's outputs go
+                           "storage_root": root or str(run_dir),  # where rank 0's outputs go
+                           "torch_threads": torch_threads(cfg.run)},
         torch_config=TorchConfig(backend="nccl" if cfg.run.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,

@@ -293,7 +293,8 @@ class Worker:
                              mlflow_tracking_uri=cfg.run.mlflow_tracking_uri, run_name=self.run_dir.name)
             print(f"[safedpo] {len(self.train_pairs)} train pairs, "
                   f"{len(self.eval_pairs) if self.eval_pairs else 0} held-out pairs, "
-                  f"{self.total_steps} steps, {s.world_size} workers, ZeRO-{cfg.train.zero_stage}"
+                  f"{self.total_steps} steps, {s.world_size} workers ({torch.get_num_threads()} threads each), "
+                  f"ZeRO-{cfg.train.zero_stage}"
                   + (f", resuming at step {start}" if start else ""), flush=True)
         self.check_packing(start)
         if log:
@@ -387,5 +388,7 @@ def quiet_ray_train_reports() -> None:
 
 def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if loop_config.get("torch_threads"):
+        torch.set_num_threads(int(loop_config["torch_threads"]))
     quiet_ray_train_reports()
     return Worker(loop_config).run()
