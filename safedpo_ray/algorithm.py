@@ -6,7 +6,7 @@ reference is a callable returning reference log-probs. The worker loop wires the
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -26,52 +26,106 @@ METRICS = (
 )
 
 
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The model's keyword arguments for a collated batch, padded or packed (data/packing.py)."""
-    if "position_ids" in batch:  # packed: sequence boundaries are where the positions restart
-        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+def model_inputs(model: Callable, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's keyword arguments for a collated batch of any layout (data/packing.py)."""
+    inputs = {"input_ids": batch["input_ids"], "use_cache": False}
+    if "attention_mask_4d" in batch:  # shared prompts: a boolean [R, 1, C, C] mask, True = attend
+        inputs.update(position_ids=batch["position_ids"],
+                      attention_mask=attention_mask_4d(model, batch["attention_mask_4d"]))
+    elif "position_ids" in batch:  # packed: sequence boundaries are where the positions restart
+        inputs["position_ids"] = batch["position_ids"]
+    else:
+        inputs["attention_mask"] = batch["attention_mask"]
+    return inputs
+
+
+def attention_implementation(model: Any) -> str | None:
+    """The attention implementation a (wrapped) transformers model runs, e.g. 'sdpa', 'eager'."""
+    module = model
+    for _ in range(4):  # DeepSpeed engine → PEFT model → LoRA model → transformers model
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            return config._attn_implementation
+        module = getattr(module, "module", None) or getattr(module, "base_model", None) or getattr(module, "model", None)
+        if module is None:
+            break
+    return None
+
+
+SHARED_PROMPT_ATTENTION = ("sdpa", "eager")
+"""Attention implementations that take a custom 4D mask (the shared-prompt layout)."""
+
+
+def attention_mask_4d(model: Any, allowed: torch.Tensor) -> torch.Tensor:
+    """A boolean [R, 1, C, C] mask in the form the model's attention takes: sdpa uses it as is;
+    eager adds it to the scores (0 where allowed, the dtype's minimum elsewhere)."""
+    impl = attention_implementation(model)
+    if impl == "sdpa":
+        return allowed
+    if impl == "eager":
+        dtype = next(model.parameters()).dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+    raise ValueError(f"the shared-prompt layout needs attention that takes a 4D mask ({', '.join(SHARED_PROMPT_ATTENTION)}); "
+                     f"this model runs {impl!r}: use train.batch_layout=packed")
 
 
 def _targets_of(batch: dict[str, torch.Tensor]):
-    if "target_ids" in batch:
-        return batch["target_ids"], batch["target_mask"], batch["seq_index"], int(batch["num_sequences"])
+    if "target_pos" in batch:
+        return batch["target_pos"], batch["target_ids"], batch["seq_index"], int(batch["num_sequences"])
     # A padded batch built by hand (input_ids, attention_mask, loss_mask): position t targets t+1.
     ids, loss_mask = batch["input_ids"], batch["loss_mask"]
-    target_ids, target_mask = torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
-    target_ids[:, :-1], target_mask[:, :-1] = ids[:, 1:], loss_mask[:, 1:].bool()
-    n = ids.shape[0]
-    return target_ids, target_mask, torch.arange(n, device=ids.device)[:, None].expand_as(ids), n
+    rows, cols = torch.nonzero(loss_mask[:, 1:], as_tuple=True)
+    return rows * ids.shape[1] + cols, ids[rows, cols + 1], rows, ids.shape[0]
 
 
 def sequence_logps_and_lengths(model: Callable, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence sums of response-token log-probs and response token counts, [2B] each, from
     one forward over the batch's rows. When the model's output layer is a log-prob layer
-    (logp_head.install) only response positions are projected onto the vocabulary, in chunks;
+    (logp_head.install) only the scored positions are projected onto the vocabulary, in chunks;
     otherwise from the full logits."""
-    target_ids, target_mask, seq_index, n = _targets_of(batch)
+    target_pos, target_ids, seq_index, n = _targets_of(batch)
     head = logp_head.find(model)
     if head is not None:
-        with logp_head.targets(head, target_ids, target_mask):
-            token_logps = model(**model_inputs(batch)).logits[target_mask]
+        with logp_head.targets(head, target_pos, target_ids):
+            token_logps = model(**model_inputs(model, batch)).logits
     else:
-        logits = model(**model_inputs(batch)).logits
-        token_logps = token_logps_from_logits(logits, target_ids, target_mask)
-    return per_sequence_sums(token_logps, seq_index[target_mask], n)
+        logits = model(**model_inputs(model, batch)).logits
+        token_logps = token_logps_from_logits(logits.flatten(0, 1), target_pos, target_ids)
+    return per_sequence_sums(token_logps, seq_index, n)
 
 
-def packing_gap(model: Callable, packed: dict[str, torch.Tensor], padded: dict[str, torch.Tensor]) -> float:
-    """Largest relative gap |packed − padded| / (1 + |padded|) between the per-sequence log-probs
-    of the same pairs laid out packed and padded (no gradients). Rounding gives ~1e-6 in fp32; a
-    model whose attention crosses the sequence boundaries of packed rows gives far more."""
+def layout_gap(model: Callable, laid_out: dict[str, torch.Tensor], padded: dict[str, torch.Tensor]) -> float:
+    """Largest relative gap |a − b| / (1 + |b|) between the per-sequence log-probs of the same
+    pairs in another layout (a) and padded (b), without gradients. Rounding gives ~1e-6 in fp32;
+    a model whose attention crosses the boundaries of packed or shared rows gives far more."""
     with torch.no_grad():
-        a, _ = sequence_logps_and_lengths(model, packed)
+        a, _ = sequence_logps_and_lengths(model, laid_out)
         b, _ = sequence_logps_and_lengths(model, padded)
     return float(((a - b).abs() / (1 + b.abs())).max())
 
 
-PACKING_TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2}
-"""Largest `packing_gap` still taken for rounding, by precision."""
+LAYOUT_TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2}
+"""Largest `layout_gap` still taken for rounding, by precision."""
+
+LAYOUT_FALLBACK = {"shared": "packed", "packed": "padded"}
+"""The layout to try when one is not supported or not exact for a model."""
+
+
+def usable_layout(model: Callable, layout: str, collate: Callable[[str], dict[str, torch.Tensor]],
+                  precision: str, agree: Callable[[float], float] = lambda gap: gap) -> tuple[str, str]:
+    """The first of `layout` and its fallbacks whose log-probs match the padded layout's on the
+    batch `collate(layout)` gives, and a note when it is not `layout` itself. `agree` combines
+    the gap over workers (all must call this together: the forwards are collective under ZeRO-3)."""
+    tried = []
+    while layout != "padded":
+        supported = layout != "shared" or attention_implementation(model) in SHARED_PROMPT_ATTENTION
+        gap = agree(layout_gap(model, collate(layout), collate("padded")) if supported else float("inf"))
+        if gap <= LAYOUT_TOLERANCE[precision]:
+            break
+        tried.append(f"{layout}: " + ("its attention takes no 4D mask" if not supported else
+                                      f"log-probs {gap:.2g} (relative) away from padded ones"))
+        layout = LAYOUT_FALLBACK[layout]
+    return layout, (f"batch layout {layout} ({'; '.join(tried)})" if tried else "")
 
 
 def concatenated_logps_and_lengths(model: Callable, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:

@@ -130,11 +130,13 @@ class TrainConfig:
     """Fraction of steps with linear learning-rate warmup; cosine decay after."""
     min_lr_ratio: float = 0.0
     """Learning rate at the end of the cosine decay, as a fraction of the peak."""
-    pack_sequences: bool = True
-    """Pack a micro-batch's sequences into shared rows (position ids restart per sequence, the
-    attention stays within each sequence) instead of padding each to the longest: the same
-    log-probs, fewer padded tokens computed. Checked against the padded layout on the first
-    micro-batch; a model whose attention does not honour the boundaries falls back to padding."""
+    batch_layout: str = "shared"
+    """How a micro-batch's sequences become model rows: 'shared' (each pair's prompt run once,
+    both responses attending to it, pairs packed into shared rows), 'packed' (sequences packed
+    into shared rows, position ids restarting per sequence) or 'padded' (one sequence per row).
+    All give the same log-probs; 'shared' and 'packed' compute fewer tokens. Checked against
+    'padded' on the first micro-batch: a model whose attention does not keep the sequences apart
+    falls back to the next layout, with a note."""
     logits_chunk_tokens: int = 1024
     """Project only response positions onto the vocabulary, this many tokens at a time, and never
     hold a batch's full [tokens, vocab] logits (0: the model's full logits, as transformers
@@ -393,6 +395,8 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"'train.eval_at_start' must be one of derived, measured, off, got '{t.eval_at_start}'")
     if t.eval_every < 0:
         raise ConfigError(f"'train.eval_every' must be >= 0, got {t.eval_every}")
+    if t.batch_layout not in ("shared", "packed", "padded"):
+        raise ConfigError(f"'train.batch_layout' must be one of shared, packed, padded, got '{t.batch_layout}'")
     if t.logits_chunk_tokens < 0:
         raise ConfigError(f"'train.logits_chunk_tokens' must be >= 0 (0: full logits), got {t.logits_chunk_tokens}")
     if t.checkpoint_every < 0 or t.keep_checkpoints < 1:

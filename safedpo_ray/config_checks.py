@@ -107,6 +107,7 @@ RULES: dict[str, Any] = {
     "train.min_lr_ratio": Range(0, 1),
     "train.eval_every": NON_NEGATIVE,
     "train.logits_chunk_tokens": NON_NEGATIVE,
+    "train.batch_layout": Choice(("shared", "packed", "padded")),
     "train.eval_at_start": Choice(("derived", "measured", "off")),
     "train.log_every": AT_LEAST_ONE,
     "train.checkpoint_every": NON_NEGATIVE,
@@ -128,7 +129,7 @@ FREE = {
     "data.drop_duplicates",
     "model.name_or_path", "model.gguf_file", "model.trust_remote_code", "model.gradient_checkpointing",
     "model.lora.enabled", "model.lora.target_modules",
-    "train.seed", "train.cache_reference", "train.pack_sequences", "train.record_pairs",
+    "train.seed", "train.cache_reference", "train.record_pairs",
     "run.name", "run.output_dir", "run.storage_path", "run.resume", "run.use_gpu", "run.address",
     "run.worker_resources", "run.tensorboard", "run.mlflow_tracking_uri", "run.export_merged",
 }

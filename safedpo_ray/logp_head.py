@@ -5,8 +5,8 @@ A causal LM's forward ends with ``logits = lm_head(hidden_states)``: [N, L, voca
 model's output layer into a `LogpLinear` (the same parameters; only the class changes, so state
 dicts, exports, tied embeddings, LoRA wrappers and DeepSpeed's ZeRO-3 hooks on the module are
 untouched). Outside a `targets` block it is the plain linear layer; inside one, it returns the
-log-prob of each position's target token at the selected positions, computed `chunk` tokens at a
-time (`logprobs.chunked_token_logps`), as an [N, L] float32 tensor (0 elsewhere) in place of the
+log-prob of each listed target token from its listed (flattened) position, computed `chunk`
+tokens at a time (`logprobs.chunked_token_logps`), as a flat [T] float32 tensor in place of the
 logits. Prompt and padding positions never reach the vocabulary projection.
 
 Knows nothing of Ray or DeepSpeed.
@@ -36,13 +36,9 @@ class LogpLinear(nn.Linear):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.logp_targets is None:
             return super().forward(hidden)
-        targets, mask = self.logp_targets
-        if hidden.shape[:2] != mask.shape:
-            raise RuntimeError(f"the output layer saw hidden states {tuple(hidden.shape)} for "
-                               f"targets {tuple(mask.shape)} (did the model slice its positions?)")
-        flat = chunked_token_logps(hidden[mask], self.weight, targets[mask], self.bias, self.logp_chunk)
-        out = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
-        return out.masked_scatter(mask, flat)
+        positions, ids = self.logp_targets
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        return chunked_token_logps(flat[positions], self.weight, ids, self.bias, self.logp_chunk)
 
 
 def output_layer(model: Any) -> nn.Module | None:
@@ -86,9 +82,10 @@ def find(model: Any) -> LogpLinear | None:
 
 
 @contextmanager
-def targets(head: LogpLinear, target_ids: torch.Tensor, mask: torch.Tensor) -> Iterator[None]:
-    """Within the block the head returns log p(target_ids) at `mask` ([N, L] each) as [N, L]."""
-    head.logp_targets = (target_ids, mask.bool())
+def targets(head: LogpLinear, positions: torch.Tensor, ids: torch.Tensor) -> Iterator[None]:
+    """Within the block the head returns log p(ids[i]) from the hidden state at flat position
+    positions[i] (of the [N·L] positions it is given) as a [T] float32 tensor."""
+    head.logp_targets = (positions, ids)
     try:
         yield
     finally:

@@ -31,12 +31,11 @@ def sequence_logps(
     return (token_logps * mask).sum(-1), mask.sum(-1)
 
 
-def token_logps_from_logits(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """log p(targets) at the positions of ``mask`` ([R, C] bool): a flat [T] float32 tensor,
-    T = mask.sum(). ``logits`` [R, C, V] at position t score ``targets`` [R, C] at t (already
-    shifted: the next token of the same sequence)."""
-    picked = logits[mask].float()
-    return picked.gather(1, targets[mask].unsqueeze(1)).squeeze(1) - torch.logsumexp(picked, dim=-1)
+def token_logps_from_logits(logits: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(targets[i]) from the logits at positions[i]: ``logits`` [P, V] (positions flattened),
+    ``positions``/``targets`` [T]; a position may appear more than once. Returns [T] float32."""
+    picked = logits[positions].float()
+    return picked.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(picked, dim=-1)
 
 
 class _ChunkedTokenLogps(torch.autograd.Function):

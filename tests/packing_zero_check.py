@@ -44,6 +44,9 @@ def run(stage: int, lora: bool, model, batch):
     return per, grads
 
 
+LAYOUT = sys.argv[1] if len(sys.argv) > 1 else "shared"
+
+
 def main() -> None:
     rows = random_pairs(4)
     for stage in (2, 3):
@@ -54,9 +57,9 @@ def main() -> None:
             fast = copy.deepcopy(base)
             assert logp_head.install(fast, 5) is not None
             ref_per, ref_grads = run(stage, lora, base, collate_pairs(rows, 0))
-            packed = collate_pairs(rows, 0, pack=True)
+            packed = collate_pairs(rows, 0, layout=LAYOUT)
             per, grads = run(stage, lora, fast, packed)
-            out = {"stage": stage, "lora": lora, "rows": packed["input_ids"].shape[0],
+            out = {"stage": stage, "lora": lora, "layout": LAYOUT, "rows": packed["input_ids"].shape[0],
                    "grads": len(grads), "grad_norm": sum(float(g.norm()) for g in ref_grads.values())}
             for key in ("logps/chosen", "logps/rejected", "loss"):
                 out[key] = float((per[key] - ref_per[key]).abs().max())

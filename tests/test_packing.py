@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from safedpo_ray import logp_head
-from safedpo_ray.algorithm import PACKING_TOLERANCE, concatenated_logps_and_lengths, packing_gap, safedpo_forward
+from safedpo_ray.algorithm import LAYOUT_TOLERANCE, concatenated_logps_and_lengths, layout_gap, safedpo_forward, usable_layout
 from safedpo_ray.data.packing import pack_rows
 from safedpo_ray.data.tokenize import collate_pairs
 from safedpo_ray.logprobs import chunked_token_logps, sequence_logps
@@ -27,34 +27,51 @@ def test_packed_layout_by_hand():
     # sequences (len): 0 = 7 1 2 (3), 1 = 8 9 4 (3), 2 = 7 3 (2), 3 = 8 9 5 6 (4); capacity 4
     # first-fit decreasing: [3], [0], [1], then 2 (len 2) fits nowhere (rooms 0, 1, 1): [2]
     b = collate_pairs({"prompt_ids": [[7], [8, 9]], "chosen_ids": [[1, 2], [4]], "rejected_ids": [[3], [5, 6]]},
-                      0, pack=True)
+                      0, layout="packed")
     assert b["input_ids"].tolist() == [[8, 9, 5, 6], [7, 1, 2, 0], [8, 9, 4, 0], [7, 3, 0, 0]]
     assert b["position_ids"].tolist() == [[0, 1, 2, 3], [0, 1, 2, 0], [0, 1, 2, 0], [0, 1, 0, 1]]
     # position t targets token t+1 where that is a response token
-    assert b["target_mask"].tolist() == [[0, 1, 1, 0], [1, 1, 0, 0], [0, 1, 0, 0], [1, 0, 0, 0]]
-    assert b["target_ids"][b["target_mask"]].tolist() == [5, 6, 1, 2, 4, 3]
-    assert b["seq_index"][b["target_mask"]].tolist() == [3, 3, 0, 0, 1, 2]
+    # position t predicts token t+1 where that is a response token; flat positions in the 4×4 rows
+    assert b["target_pos"].tolist() == [1, 2, 4, 5, 9, 12]
+    assert b["target_ids"].tolist() == [5, 6, 1, 2, 4, 3]
+    assert b["seq_index"].tolist() == [3, 3, 0, 0, 1, 2]
     assert int(b["num_sequences"]) == 4 and int(b["num_tokens"]) == 12
 
 
+def test_shared_layout_by_hand():
+    # pair 0: prompt [7, 8], chosen [1, 2], rejected [3]; pair 1: prompt [9], chosen [4], rejected [5, 6]
+    # segments: 7 8 1 2 3 (5) and 9 4 5 6 (4); capacity 5: a row each
+    b = collate_pairs({"prompt_ids": [[7, 8], [9]], "chosen_ids": [[1, 2], [4]], "rejected_ids": [[3], [5, 6]]},
+                      0, layout="shared")
+    assert b["input_ids"].tolist() == [[7, 8, 1, 2, 3], [9, 4, 5, 6, 0]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 2], [0, 1, 1, 2, 0]]
+    m = b["attention_mask_4d"][:, 0].int().tolist()
+    assert m[0] == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 0, 0, 1]]
+    assert m[1] == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 0, 1, 1, 0], [0, 0, 0, 0, 1]]
+    # the last prompt position (8 at flat 1, 9 at flat 5) predicts both first response tokens
+    assert b["target_pos"].tolist() == [1, 2, 1, 5, 5, 7]
+    assert b["target_ids"].tolist() == [1, 2, 3, 4, 5, 6]
+    assert b["seq_index"].tolist() == [0, 0, 2, 1, 3, 3]
+    assert int(b["num_tokens"]) == 7 + 5  # what the padded layout would compute, without its padding
+
+
 def test_rows_share_when_short():
-    b = collate_pairs({"prompt_ids": [[7]], "chosen_ids": [[1, 2, 3, 4]], "rejected_ids": [[5]]}, 0, pack=True)
+    b = collate_pairs({"prompt_ids": [[7]], "chosen_ids": [[1, 2, 3, 4]], "rejected_ids": [[5]]}, 0, layout="packed")
     # lengths 5 and 2, capacity 5: two rows (5 is full); a third short pair would share the second
     assert b["input_ids"].shape == (2, 5)
     b = collate_pairs({"prompt_ids": [[7], [7]], "chosen_ids": [[1, 2, 3, 4], [1]], "rejected_ids": [[5], [6]]},
-                      0, pack=True)
+                      0, layout="packed")
     # sequences 7 1 2 3 4 (5) | 7 1 (2) | 7 5 (2) | 7 6 (2): the two first short ones share a row
     assert b["input_ids"].tolist() == [[7, 1, 2, 3, 4], [7, 1, 7, 5, 0], [7, 6, 0, 0, 0]]
     assert b["position_ids"][1].tolist() == [0, 1, 0, 1, 0]
-    assert b["seq_index"][b["target_mask"]].tolist() == [0, 0, 0, 0, 1, 2, 3]
+    assert b["seq_index"].tolist() == [0, 0, 0, 0, 1, 2, 3]
 
 
 def test_padded_layout_targets_match_loss_mask():
     b = collate_pairs({"prompt_ids": [[7], [8, 9]], "chosen_ids": [[1, 2], [4]], "rejected_ids": [[3], [5, 6]]}, 0)
-    shifted = torch.zeros_like(b["loss_mask"], dtype=torch.bool)
-    shifted[:, :-1] = b["loss_mask"][:, 1:].bool()
-    assert torch.equal(b["target_mask"], shifted)
-    assert b["target_ids"][b["target_mask"]].tolist() == [1, 2, 4, 3, 5, 6]
+    rows, cols = torch.nonzero(b["loss_mask"][:, 1:], as_tuple=True)  # position t scores token t+1
+    assert b["target_pos"].tolist() == (rows * 4 + cols).tolist()
+    assert b["target_ids"].tolist() == [1, 2, 4, 3, 5, 6]
     assert int(b["num_tokens"]) == int(b["attention_mask"].sum()) == 12
 
 
@@ -130,8 +147,9 @@ def as_lora(model):
 
 
 @pytest.mark.parametrize("lora", [False, True])
-@pytest.mark.parametrize("pack,chunk", [(True, 0), (False, 5), (True, 5), (True, 4096)])
-def test_layouts_and_chunking_equal_padded_full_logits(lora, pack, chunk):
+@pytest.mark.parametrize("layout,chunk", [("packed", 0), ("padded", 5), ("packed", 5), ("packed", 4096),
+                                          ("shared", 0), ("shared", 5)])
+def test_layouts_and_chunking_equal_padded_full_logits(lora, layout, chunk):
     rows = random_pairs(4)
     base = tiny_llama()
     if lora:
@@ -142,8 +160,8 @@ def test_layouts_and_chunking_equal_padded_full_logits(lora, pack, chunk):
     model = copy.deepcopy(base)
     if chunk:
         assert logp_head.install(model, chunk) is not None
-    batch = collate_pairs(rows, 0, pack=pack)
-    if pack:
+    batch = collate_pairs(rows, 0, layout=layout)
+    if layout != "padded":
         assert batch["input_ids"].shape[0] < 8  # the layout really packed
     per, grads = forward_and_grads(model, batch, trainable)
     for key in ("logps/chosen", "logps/rejected", "loss"):
@@ -164,13 +182,11 @@ def test_log_prob_layer_is_the_linear_layer_outside_a_block_and_exports_the_same
     assert torch.equal(model(input_ids=ids).logits, before)
     copied = copy.deepcopy(model)  # a frozen reference copy keeps its own layer and targets
     assert logp_head.find(copied) is not head and isinstance(logp_head.find(copied), logp_head.LogpLinear)
-    mask = torch.tensor([[False, True, True, False]])
-    with logp_head.targets(head, torch.tensor([[0, 7, 8, 0]]), mask):
+    with logp_head.targets(head, torch.tensor([1, 2, 2]), torch.tensor([7, 8, 3])):  # a position twice
         out = model(input_ids=ids).logits
         assert torch.equal(copied(input_ids=ids).logits, before)  # the copy is unaffected
-    assert out.shape == (1, 4)
-    expected = torch.log_softmax(before, -1)[0, [1, 2], [7, 8]]
-    assert torch.allclose(out[mask], expected, atol=1e-6) and (out[~mask] == 0).all()
+    expected = torch.log_softmax(before, -1)[0, [1, 2, 2], [7, 8, 3]]
+    assert out.shape == (3,) and torch.allclose(out, expected, atol=1e-6)
     assert head.logp_targets is None
 
 
@@ -181,11 +197,12 @@ def test_models_that_post_process_logits_keep_full_logits():
     assert logp_head.install(model, 8) is None and logp_head.find(model) is None
 
 
-def test_packing_gap_flags_a_model_that_attends_across_sequences():
+def test_layout_gap_flags_a_model_that_attends_across_sequences(monkeypatch):
     rows = random_pairs(4)
     model = tiny_llama()
-    packed, padded = collate_pairs(rows, 0, pack=True), collate_pairs(rows, 0)
-    assert packing_gap(model, packed, padded) < 1e-5
+    packed, padded = collate_pairs(rows, 0, layout="packed"), collate_pairs(rows, 0)
+    assert layout_gap(model, packed, padded) < 1e-5
+    assert layout_gap(model, collate_pairs(rows, 0, layout="shared"), padded) < 1e-5
 
     class CrossAttending(nn.Module):  # ignores position_ids: plain causal attention over the row
         def __init__(self, inner):
@@ -193,10 +210,22 @@ def test_packing_gap_flags_a_model_that_attends_across_sequences():
             self.inner = inner
 
         def forward(self, input_ids, position_ids=None, attention_mask=None, use_cache=False):
+            if attention_mask is not None and attention_mask.dim() == 4:
+                attention_mask = None
             return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
 
     # (a random tiny model attends almost uniformly, so the leak is small here, yet 10× the tolerance)
-    assert packing_gap(CrossAttending(model), packed, padded) > 10 * PACKING_TOLERANCE["fp32"]
+    leaky = CrossAttending(model)
+    assert layout_gap(leaky, packed, padded) > 10 * LAYOUT_TOLERANCE["fp32"]
+    # the fallback: shared needs a 4D mask (this wrapper drops it too), packed leaks, padded it is
+    layout, note = usable_layout(leaky, "shared", lambda layout: collate_pairs(rows, 0, layout=layout), "fp32")
+    assert layout == "padded" and "packed: log-probs" in note
+    assert usable_layout(model, "shared", lambda layout: collate_pairs(rows, 0, layout=layout), "fp32") == ("shared", "")
+    import safedpo_ray.algorithm as algorithm
+
+    monkeypatch.setattr(algorithm, "attention_implementation", lambda m: "flash_attention_2")  # no 4D masks
+    layout, note = usable_layout(model, "shared", lambda layout: collate_pairs(rows, 0, layout=layout), "fp32")
+    assert layout == "packed" and "shared: its attention takes no 4D mask" in note
 
 
 def test_sequence_logps_of_hand_built_padded_batch_still_work():

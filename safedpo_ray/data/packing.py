@@ -1,17 +1,22 @@
-"""Lay a micro-batch's sequences out as model rows: padded one per row, or packed.
+"""Lay a micro-batch's pairs out as model rows: padded, packed, or packed with a shared prompt.
 
 A micro-batch of B pairs is 2B sequences (prompt + chosen for 0..B−1, prompt + rejected for
-B..2B−1). Either layout gives the model `input_ids` [R, C] and says, for every position t whose
-next token is a response token, which token that is (`target_ids`, `target_mask`) and which
-sequence it belongs to (`seq_index`), so that per-sequence log-probs are one scatter-add away
-whatever the layout (algorithm.sequence_logps_and_lengths).
+B..2B−1). Every layout gives the model `input_ids` [R, C] and lists the response tokens to score
+as flat [T] tensors: `target_pos` (the flat position in R×C whose output predicts the token),
+`target_ids` (the token) and `seq_index` (its sequence), so that per-sequence log-probs are one
+scatter-add away whatever the layout (algorithm.sequence_logps_and_lengths).
 
-- padded: R = 2B rows of the longest sequence's length, right-padded, with `attention_mask`.
-- packed: the sequences are placed first-fit-decreasing into rows no longer than the longest
-  sequence (so no row attends over more than a padded row would), each sequence's
-  `position_ids` restarting at 0; no `attention_mask`: the model's mask builder reads the
-  restarts in `position_ids` as sequence boundaries (block-diagonal causal attention; varlen
-  kernels under flash-attention). Padding then only fills the tail of the last rows.
+- padded: one sequence per row, right-padded to the longest, with a 2D `attention_mask`.
+- packed: sequences placed first-fit-decreasing into rows no longer than the longest sequence,
+  `position_ids` restarting at 0 per sequence and no attention mask: the model's mask builder
+  reads the restarts as sequence boundaries (block-diagonal causal attention; varlen kernels
+  under flash-attention). Padding only fills the tail of the last rows.
+- shared: each pair is one segment [prompt, chosen, rejected], the prompt run once (prefix
+  sharing, arXiv 2410.20305): the rejected tokens take positions p.. again and attend to the
+  prompt and to themselves, never to the chosen ones; the last prompt position predicts both
+  first response tokens. Segments are packed like sequences; the attention is a 4D boolean
+  mask `attention_mask_4d` [R, 1, C, C] (True = may attend), which algorithm.model_inputs hands
+  over in the form the model's attention implementation takes.
 
 Pure tensor code.
 """
@@ -20,39 +25,11 @@ from __future__ import annotations
 
 import torch
 
-
-def _targets(sequences: list[list[int]], response_starts: list[int]):
-    """Per sequence: (ids, first target position, end): position t of a sequence targets token t+1,
-    which is a response token for t in [start − 1, len − 1)."""
-    return [(ids, max(start - 1, 0), len(ids) - 1) for ids, start in zip(sequences, response_starts)]
-
-
-def padded_layout(sequences: list[list[int]], response_starts: list[int], pad_id: int,
-                  pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
-    n = len(sequences)
-    length = max(len(s) for s in sequences)
-    if pad_to_multiple_of:
-        length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
-    input_ids = torch.full((n, length), int(pad_id), dtype=torch.long)
-    attention_mask = torch.zeros((n, length), dtype=torch.long)
-    loss_mask = torch.zeros((n, length), dtype=torch.long)
-    target_ids = torch.zeros((n, length), dtype=torch.long)
-    target_mask = torch.zeros((n, length), dtype=torch.bool)
-    for i, (ids, first, end) in enumerate(_targets(sequences, response_starts)):
-        row = torch.tensor(ids, dtype=torch.long)
-        input_ids[i, :len(ids)] = row
-        attention_mask[i, :len(ids)] = 1
-        loss_mask[i, response_starts[i]:len(ids)] = 1
-        target_ids[i, first:end] = row[first + 1:end + 1]
-        target_mask[i, first:end] = True
-    seq_index = torch.arange(n).unsqueeze(1).expand(n, length).contiguous()
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
-            "target_ids": target_ids, "target_mask": target_mask, "seq_index": seq_index,
-            "num_sequences": torch.tensor(n), "num_tokens": attention_mask.sum()}
+LAYOUTS = ("padded", "packed", "shared")
 
 
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
-    """First-fit decreasing: sequence indices per row, each row's lengths summing to ≤ capacity
+    """First-fit decreasing: item indices per row, each row's lengths summing to ≤ capacity
     (ties broken by index, so the layout is a function of the lengths alone)."""
     rows: list[list[int]] = []
     free: list[int] = []
@@ -68,35 +45,104 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def packed_layout(sequences: list[list[int]], response_starts: list[int], pad_id: int,
-                  pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
-    n = len(sequences)
-    lengths = [len(s) for s in sequences]
-    capacity = max(lengths)
-    rows = pack_rows(lengths, capacity)
-    length = max(sum(lengths[i] for i in row) for row in rows)
-    if pad_to_multiple_of:
-        length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
-    shape = (len(rows), length)
-    input_ids = torch.full(shape, int(pad_id), dtype=torch.long)
-    position_ids = torch.zeros(shape, dtype=torch.long)
-    target_ids = torch.zeros(shape, dtype=torch.long)
-    target_mask = torch.zeros(shape, dtype=torch.bool)
-    seq_index = torch.zeros(shape, dtype=torch.long)
-    spans = _targets(sequences, response_starts)
+def _round_up(length: int, multiple: int | None) -> int:
+    return -(-length // multiple) * multiple if multiple else length
+
+
+class _Targets:
+    def __init__(self) -> None:
+        self.pos: list[int] = []
+        self.ids: list[int] = []
+        self.seq: list[int] = []
+
+    def add(self, row_start: int, positions, ids: list[int], seq: int) -> None:
+        """Positions (relative to row_start) predicting `ids`, one each."""
+        self.pos += [row_start + p for p in positions]
+        self.ids += ids
+        self.seq += [seq] * len(ids)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"target_pos": torch.tensor(self.pos, dtype=torch.long),
+                "target_ids": torch.tensor(self.ids, dtype=torch.long),
+                "seq_index": torch.tensor(self.seq, dtype=torch.long)}
+
+
+def layout_pairs(prompts: list[list[int]], chosen: list[list[int]], rejected: list[list[int]], pad_id: int,
+                 layout: str = "padded", pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown batch layout {layout!r}; one of {', '.join(LAYOUTS)}")
+    if layout == "shared":
+        return _shared(prompts, chosen, rejected, pad_id, pad_to_multiple_of)
+    n = len(prompts)
+    sequences = [(p, r, i) for i, (p, r) in enumerate(zip(prompts + prompts, chosen + rejected))]
+    lengths = [len(p) + len(r) for p, r, _ in sequences]
+    if layout == "padded":
+        rows = [[i] for i in range(len(sequences))]
+    else:
+        rows = pack_rows(lengths, max(lengths))
+    width = _round_up(max(sum(lengths[i] for i in row) for row in rows), pad_to_multiple_of)
+    input_ids = torch.full((len(rows), width), int(pad_id), dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    targets = _Targets()
     for r, row in enumerate(rows):
         at = 0
         for i in row:
-            ids, first, end = spans[i]
-            t = torch.tensor(ids, dtype=torch.long)
-            input_ids[r, at:at + len(ids)] = t
+            p, resp, seq = sequences[i]
+            ids = p + resp
+            input_ids[r, at:at + len(ids)] = torch.tensor(ids, dtype=torch.long)
             position_ids[r, at:at + len(ids)] = torch.arange(len(ids))
-            target_ids[r, at + first:at + end] = t[first + 1:end + 1]
-            target_mask[r, at + first:at + end] = True
-            seq_index[r, at:at + len(ids)] = i
+            attention_mask[r, at:at + len(ids)] = 1
+            # position t predicts token t+1: the response tokens from the last prompt position on
+            targets.add(r * width + at, range(len(p) - 1, len(ids) - 1), resp, seq)
             at += len(ids)
-        # The tail's positions count up from 0 too: a block of its own, attending to nothing real.
-        position_ids[r, at:] = torch.arange(length - at)
-    return {"input_ids": input_ids, "position_ids": position_ids, "target_ids": target_ids,
-            "target_mask": target_mask, "seq_index": seq_index,
-            "num_sequences": torch.tensor(n), "num_tokens": torch.tensor(sum(lengths))}
+        position_ids[r, at:] = torch.arange(width - at)  # the tail: a block of its own
+    out = {"input_ids": input_ids, **targets.tensors(),
+           "num_sequences": torch.tensor(2 * n), "num_tokens": torch.tensor(sum(lengths))}
+    if layout == "padded":
+        out["attention_mask"] = attention_mask
+        out["loss_mask"] = _loss_mask(attention_mask, [len(p) for p, _, _ in sequences])
+    else:
+        out["position_ids"] = position_ids
+    return out
+
+
+def _loss_mask(attention_mask: torch.Tensor, prompt_lengths: list[int]) -> torch.Tensor:
+    """1 exactly on the response tokens of a padded layout (the tokens scored)."""
+    loss_mask = attention_mask.clone()
+    for i, p in enumerate(prompt_lengths):
+        loss_mask[i, :p] = 0
+    return loss_mask
+
+
+def _shared(prompts, chosen, rejected, pad_id, pad_to_multiple_of):
+    n = len(prompts)
+    lengths = [len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected)]
+    rows = pack_rows(lengths, max(lengths))
+    width = _round_up(max(sum(lengths[i] for i in row) for row in rows), pad_to_multiple_of)
+    input_ids = torch.full((len(rows), width), int(pad_id), dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), 1, width, width), dtype=torch.bool)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    targets = _Targets()
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            p, c, rj = prompts[i], chosen[i], rejected[i]
+            np_, nc, nr = len(p), len(c), len(rj)
+            end = at + np_ + nc + nr
+            input_ids[r, at:end] = torch.tensor(p + c + rj, dtype=torch.long)
+            position_ids[r, at:end] = torch.cat([torch.arange(np_ + nc), torch.arange(np_, np_ + nr)])
+            mask[r, 0, at:end, at:end] = causal[:end - at, :end - at]
+            mask[r, 0, at + np_ + nc:end, at + np_:at + np_ + nc] = False  # rejected never sees chosen
+            base = r * width + at
+            targets.add(base, range(np_ - 1, np_ + nc - 1), c, i)
+            # the rejected response: its first token from the last prompt position, then its own
+            targets.add(base, [np_ - 1] + list(range(np_ + nc, np_ + nc + nr - 1)), rj, n + i)
+            at = end
+        tail = torch.arange(at, width)
+        mask[r, 0, tail, tail] = True  # padding attends to itself only (no empty softmax rows)
+        position_ids[r, at:] = torch.arange(width - at)
+    return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask_4d": mask, **targets.tensors(),
+            "num_sequences": torch.tensor(2 * n),
+            "num_tokens": torch.tensor(sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected)))}

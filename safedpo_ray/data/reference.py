@@ -63,13 +63,13 @@ def model_fingerprint(name_or_path: str) -> str:
     return h.hexdigest()
 
 
-def reference_key(prepared_key: str, model_fp: str, *, precision: str, pack: bool = False,
+def reference_key(prepared_key: str, model_fp: str, *, precision: str, layout: str = "padded",
                   logits_chunk_tokens: int = 0) -> str:
     # The batch layout is in the key: the workers' own forwards on the same micro-batches then
     # round exactly as the cached values did (held-out margins of an untrained policy are 0).
     payload = {"pairs": prepared_key, "model": model_fp, "precision": precision, "version": 2}
-    if pack or logits_chunk_tokens:
-        payload["layout"] = [bool(pack), int(logits_chunk_tokens)]
+    if layout != "padded" or logits_chunk_tokens:
+        payload["layout"] = [layout, int(logits_chunk_tokens)]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -78,7 +78,7 @@ class ReferenceLogps:
     is given. Cast like the training workers' reference: parameters only."""
 
     def __init__(self, model_path: str, precision: str, trust_remote_code: bool, use_gpu: bool,
-                 pack: bool = False, logits_chunk_tokens: int = 0):
+                 layout: str = "padded", logits_chunk_tokens: int = 0):
         import torch
 
         from safedpo_ray import logp_head
@@ -90,7 +90,7 @@ class ReferenceLogps:
         for p in self.model.parameters():
             p.data = p.data.to(dtype)
         self.pad_id = load_tokenizer(model_path, trust_remote_code=trust_remote_code).pad_token_id
-        self.pack, self.packing_checked, self.precision = pack, False, precision
+        self.layout, self.layout_checked, self.precision = layout, False, precision
         if logits_chunk_tokens:
             logp_head.install(self.model, logits_chunk_tokens)  # the workers' layout, as they do
         self.tables: dict[str, Any] = {}
@@ -105,14 +105,14 @@ class ReferenceLogps:
         if split_uri not in self.tables:
             self.tables[split_uri] = PairTable(split_uri)
         columns = self.tables[split_uri].batch(positions)
-        if self.pack and not self.packing_checked:  # as the workers check it (worker.check_packing)
-            from safedpo_ray.algorithm import PACKING_TOLERANCE, packing_gap
+        if not self.layout_checked:  # as the workers check it (worker.check_layout)
+            from safedpo_ray.algorithm import usable_layout
 
-            self.packing_checked = True
-            gap = packing_gap(self.model, *({k: v.to(self.device) for k, v in collate_pairs(
-                columns, self.pad_id, pack=p).items()} for p in (True, False)))
-            self.pack = gap <= PACKING_TOLERANCE[self.precision]
-        collated = collate_pairs(columns, self.pad_id, pack=self.pack)
+            self.layout_checked = True
+            self.layout, _ = usable_layout(self.model, self.layout, lambda layout: {
+                k: v.to(self.device) for k, v in collate_pairs(columns, self.pad_id, layout=layout).items()},
+                self.precision)
+        collated = collate_pairs(columns, self.pad_id, layout=self.layout)
         with torch.no_grad():
             chosen, rejected = concatenated_logps(
                 self.model, {k: v.to(self.device) for k, v in collated.items()})
@@ -169,7 +169,7 @@ def _reference_pass(split_uri: str, n: int, *, actors, batches) -> pa.Table:
 
 def reference_logps(prepared, *, model_path: str, precision: str, cache_base: str, local_base: Path,
                     batch_size: int, num_actors: int, cpus_per_actor: float = 1.0, use_gpu: bool = False,
-                    world_size: int = 1, trust_remote_code: bool = False, pack: bool = False,
+                    world_size: int = 1, trust_remote_code: bool = False, layout: str = "padded",
                     logits_chunk_tokens: int = 0) -> ReferencePass:
     """Reference log-probs of a preparation's splits, from the cache or from one pass of
     `num_actors` actors over the micro-batches `world_size` training workers form. They are
@@ -179,7 +179,7 @@ def reference_logps(prepared, *, model_path: str, precision: str, cache_base: st
     from safedpo_ray import storage
 
     t0 = time.perf_counter()
-    key = reference_key(prepared.key, model_fingerprint(model_path), precision=precision, pack=pack,
+    key = reference_key(prepared.key, model_fingerprint(model_path), precision=precision, layout=layout,
                         logits_chunk_tokens=logits_chunk_tokens)
     root = storage.join(cache_base, "reference", key)
     marker = storage.join(root, _COMPLETE)
@@ -191,7 +191,7 @@ def reference_logps(prepared, *, model_path: str, precision: str, cache_base: st
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         actor_cls = ray.remote(num_cpus=cpus_per_actor, num_gpus=1 if use_gpu else 0)(ReferenceLogps)
-        actors = [actor_cls.remote(model_path, precision, trust_remote_code, use_gpu, pack, logits_chunk_tokens) for _ in range(num_actors)]
+        actors = [actor_cls.remote(model_path, precision, trust_remote_code, use_gpu, layout, logits_chunk_tokens) for _ in range(num_actors)]
         pairs = 0
         try:
             for split in splits:

@@ -109,33 +109,28 @@ def collate_pairs(
     pad_token_id: int,
     *,
     pad_to_multiple_of: int | None = None,
-    pack: bool = False,
+    layout: str = "padded",
 ) -> dict[str, torch.Tensor]:
     """A micro-batch of B pairs as model input: sequences 0..B-1 are prompt+chosen, B..2B-1
-    prompt+rejected (data/packing.py has the two layouts).
+    prompt+rejected, laid out `padded`, `packed` or `shared` (data/packing.py).
 
-    Padded (default): `input_ids`, `attention_mask`, `loss_mask` (1 exactly on response tokens),
-    all [2B, L] right-padded with `pad_token_id`. Packed (`pack=True`): the 2B sequences share
-    rows, with `position_ids` restarting per sequence and no attention mask. Both give
-    `target_ids`/`target_mask` (the response token each position predicts), `seq_index`,
-    `num_sequences` and `num_tokens`, plus `chosen_unsafe`/`rejected_unsafe` float [B] tensors
-    when those columns exist. Accepts row dicts or a columnar dict (lists/numpy arrays).
+    Every layout gives `input_ids` and the response tokens to score (`target_pos`, `target_ids`,
+    `seq_index`), `num_sequences` and `num_tokens`; padded adds `attention_mask` and `loss_mask`
+    ([2B, L], 1 exactly on response tokens), packed `position_ids`, shared `position_ids` and
+    `attention_mask_4d`. Plus `chosen_unsafe`/`rejected_unsafe` float [B] tensors when those
+    columns exist. Accepts row dicts or a columnar dict (lists/numpy arrays).
     """
-    from safedpo_ray.data.packing import packed_layout, padded_layout
+    from safedpo_ray.data.packing import layout_pairs
 
     cols = _rows_to_columns(rows)
     for col in _ID_COLUMNS:
         if col not in cols:
             raise KeyError(f"collate_pairs needs a {col!r} column; got {sorted(cols)}")
     prompts = [_ids(p) for p in cols["prompt_ids"]]
-    responses = [_ids(c) for c in cols["chosen_ids"]] + [_ids(r) for r in cols["rejected_ids"]]
-    batch = len(prompts)
-    if batch == 0 or len(responses) != 2 * batch:
+    chosen, rejected = [_ids(c) for c in cols["chosen_ids"]], [_ids(r) for r in cols["rejected_ids"]]
+    if not prompts or not len(prompts) == len(chosen) == len(rejected):
         raise ValueError("collate_pairs needs a non-empty batch with equal-length id columns")
-    prompts = prompts + prompts
-    layout = packed_layout if pack else padded_layout
-    out = layout([p + r for p, r in zip(prompts, responses)], [len(p) for p in prompts],
-                 pad_token_id, pad_to_multiple_of)
+    out = layout_pairs(prompts, chosen, rejected, pad_token_id, layout, pad_to_multiple_of)
     for col in _FLAG_COLUMNS:
         if col in cols:
             out[col] = torch.tensor([float(v) for v in _as_list(cols[col])], dtype=torch.float32)

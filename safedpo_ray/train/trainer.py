@@ -28,7 +28,6 @@ from safedpo_ray.data.reference import ReferencePass, reference_logps
 from safedpo_ray.data.sources import config_chunks
 from safedpo_ray.errors import UserError
 from safedpo_ray.loss import uses_reference
-from safedpo_ray.models import TINY_PRESET, build_tiny_model, convert_gguf
 from safedpo_ray.ray_env import ensure_ray
 from safedpo_ray import storage as run_storage
 from safedpo_ray.train import faults, preempt
@@ -96,7 +95,7 @@ def attach_reference(cfg: Config, prepared: Prepared, *, shared: bool = False) -
         cache_base=cache_base(cfg.run), local_base=local_cache_base(cfg.run),
         batch_size=cfg.train.micro_batch_size, num_actors=workers, cpus_per_actor=cfg.run.cpus_per_worker,
         use_gpu=cfg.run.use_gpu, world_size=workers, trust_remote_code=cfg.model.trust_remote_code,
-        pack=cfg.train.pack_sequences, logits_chunk_tokens=cfg.train.logits_chunk_tokens,
+        layout=cfg.train.batch_layout, logits_chunk_tokens=cfg.train.logits_chunk_tokens,
     )
     print(f"[safedpo] {prepared.reference.describe()}", flush=True)
 
@@ -125,10 +124,12 @@ def resolve_model(cfg: Config, run_dir: Path, texts) -> str:
     """A path or hub id every worker can load: the tiny preset is built (tokenizer trained on the
     training texts), a GGUF file is converted once to safetensors, a local directory becomes
     absolute (Ray workers do not start in the driver's directory); hub ids pass through."""
+    from safedpo_ray.models import TINY_PRESET, convert_gguf  # torch: imported once a model is at hand
+
     m = cfg.model
     if m.name_or_path == TINY_PRESET:  # `texts`: a list, or a callable that reads a sample
         texts = texts() if callable(texts) else texts
-        return str(build_tiny_model(run_dir / "init-model", texts, seed=cfg.train.seed))
+        return str(tiny_model(cfg, run_dir / "init-model", texts))
     if m.gguf_file:
         gguf = Path(m.gguf_file)
         model_dir, name = (str(gguf.parent), gguf.name) if gguf.exists() else (m.name_or_path, m.gguf_file)
@@ -140,13 +141,50 @@ def resolve_model(cfg: Config, run_dir: Path, texts) -> str:
     return m.name_or_path
 
 
-def prepare(cfg: Config, run_dir: Path, plan: DataPlan | None = None) -> Prepared:
+def tiny_model(cfg: Config, out: Path, texts: list[str]) -> Path:
+    """The tiny preset in `out` (the run's init-model/, its reference for evaluation). It is
+    built once per (training texts, seed, library versions) under the cache and copied into each
+    run: training its tokenizer and writing the model took seconds of every run's start."""
+    from safedpo_ray.models import build_tiny_model, is_tiny_model
+
+    if is_tiny_model(out):
+        return out
+    base = cache_base(cfg.run)
+    if run_storage.is_remote(base):  # an object store: built where it is used, as before
+        return build_tiny_model(out, texts, seed=cfg.train.seed)
+    import importlib.metadata as md
+    import shutil
+
+    versions = {k: md.version(k) for k in ("torch", "transformers", "tokenizers")}
+    payload = json.dumps({"texts": list(texts), "seed": cfg.train.seed, "versions": versions, "v": 1})
+    cached = source = Path(base) / "tiny-model" / hashlib.sha256(payload.encode()).hexdigest()[:20]
+    if not is_tiny_model(cached):
+        source = cached.with_name(f"{cached.name}.tmp-{os.getpid()}")
+        shutil.rmtree(source, ignore_errors=True)
+        build_tiny_model(source, texts, seed=cfg.train.seed)
+        try:
+            source.rename(cached)  # atomic: a half-written model is never picked up
+            source = cached
+        except OSError:  # another run put one there meanwhile: copy ours
+            pass
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    shutil.rmtree(out, ignore_errors=True)  # what an interrupted build of an earlier attempt left
+    tmp.rename(out)
+    if source != cached:
+        shutil.rmtree(source, ignore_errors=True)
+    return out
+
+
+def prepare(cfg: Config, run_dir: Path, plan: DataPlan | None = None, *, dashboard: bool = True) -> Prepared:
     """Prepared pairs of both splits (reused from the cache, or one streaming Ray Data pass:
-    read, validate with quarantine, split, T, tokenize) and the model path workers load."""
+    read, validate with quarantine, split, T, tokenize) and the model path workers load.
+    `dashboard=False`: a local Ray started here has no dashboard (`safedpo-ray prepare`)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     plan = plan or plan_data(cfg)
     model_path = resolve_model(cfg, run_dir, lambda: sample_texts(plan.chunks, cfg.data.schema))
-    ensure_ray(cfg.run)
+    ensure_ray(cfg.run, dashboard=dashboard)
     data = prepare_data(cfg, chunks=plan.chunks, names=plan.names, identity=plan.identity, tokenizer_path=model_path)
     quarantined = copy_run_files(data, run_dir)
     print(f"[safedpo] {data.describe()}", flush=True)
@@ -187,6 +225,30 @@ def _check_resources(cfg: Config) -> None:
     print(f"[safedpo] warning: {message} now; waiting for the autoscaler to add them", flush=True)
 
 
+PRELOAD = ("torch", "ray.train.torch", "safedpo_ray.train.worker")
+"""What `fit` imports on the driver (about 2 s of CPU on the 2-core machine)."""
+
+
+def preload_modules(names: tuple[str, ...]):
+    """Import `names` in a thread and return it (join it before relying on them). A local
+    `ray.init` spends seconds waiting for the processes it starts, with CPU to spare; the
+    imports fill that time instead of following it. A failed import here is left for the place
+    that needs the module, which imports it again and reports the error as usual."""
+    import importlib
+    import threading
+
+    def run() -> None:
+        for name in names:
+            try:
+                importlib.import_module(name)
+            except Exception:
+                return
+
+    thread = threading.Thread(target=run, name="safedpo-preload", daemon=True)
+    thread.start()
+    return thread
+
+
 def train(cfg: Config) -> dict[str, Any]:
     """Run SafeDPO training as configured; returns the summary (also written to summary.json)."""
     run_dir = run_dir_for(cfg)
@@ -196,7 +258,11 @@ def train(cfg: Config) -> dict[str, Any]:
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     t0 = time.time()
     plan = plan_data(cfg)  # a bad source is one sentence before any Ray work
+    import ray  # noqa: F401  (Ray's core modules, before the preloading thread imports Ray Train)
+
+    preload = preload_modules(PRELOAD)  # imported while ray.init waits for Ray's processes
     ensure_ray(cfg.run)
+    preload.join()
     preempt.rearm()  # ray.init replaced our SIGTERM/SIGINT handlers (train/preempt.py)
     _check_resources(cfg)
     run_storage.check_cluster_storage(cfg.run)  # several nodes: outputs need shared storage

@@ -22,8 +22,7 @@ from safedpo_ray.algorithm import (
     concatenated_logps,
     loss_options,
     safedpo_forward,
-    PACKING_TOLERANCE,
-    packing_gap,
+    usable_layout,
     tie_aware_accuracy,
 )
 from safedpo_ray import logp_head
@@ -106,8 +105,8 @@ class Worker:
         self.engine = s.prepare(model, self.total_steps)
         self.reference = s.prepare_reference(reference) if reference is not None else None
         self.pad_id = self.tokenizer.pad_token_id
-        self.pack = cfg.train.pack_sequences
-        self.packing_note = ""
+        self.layout = cfg.train.batch_layout
+        self.layout_note = ""
 
     # -- pieces --------------------------------------------------------------------------------
     def live_reference_logps(self, batch):
@@ -124,9 +123,9 @@ class Worker:
             return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         return self.live_reference_logps(batch)
 
-    def collate(self, pairs: PairTable, positions: list[int], pack: bool | None = None) -> dict[str, torch.Tensor]:
+    def collate(self, pairs: PairTable, positions: list[int], layout: str | None = None) -> dict[str, torch.Tensor]:
         columns = pairs.batch(positions)
-        batch = collate_pairs(columns, self.pad_id, pack=self.pack if pack is None else pack)
+        batch = collate_pairs(columns, self.pad_id, layout=layout or self.layout)
         if "ref_chosen_logps" in columns:
             for key in ("ref_chosen_logps", "ref_rejected_logps"):
                 batch[key] = torch.as_tensor(columns[key], dtype=torch.float32)
@@ -208,25 +207,21 @@ class Worker:
         )
         return metrics
 
-    def check_packing(self, step: int) -> None:
-        """Packed rows must give the padded rows' log-probs: a model whose attention ignores the
-        sequence boundaries in position_ids (custom code) would leak across packed sequences.
-        Compared once on this step's first micro-batch, all ranks agreeing; packing is turned off
-        (with a note) when they differ by more than rounding."""
-        if not self.pack:
-            return
+    def check_layout(self, step: int) -> None:
+        """A packed or shared layout must give the padded layout's log-probs: a model whose
+        attention ignores the boundaries (custom code, an implementation without 4D masks) would
+        leak across sequences. Compared once on this step's first micro-batch, all ranks agreeing
+        (a sum of non-negative gaps); the next layout is used when they differ by more than rounding."""
         positions = self.sampler.indices(step, 0)
+
+        def agree(gap: float) -> float:
+            return float(self.strategy.all_reduce_sum(torch.tensor([gap], dtype=torch.float64))[0])
+
         self.engine.eval()
-        gap = packing_gap(self.engine, self.collate(self.train_pairs, positions, True),
-                          self.collate(self.train_pairs, positions, False))
+        self.layout, self.layout_note = usable_layout(
+            self.engine, self.layout, lambda layout: self.collate(self.train_pairs, positions, layout),
+            self.cfg.train.precision, agree)
         self.engine.train()
-        # A sum of non-negative gaps over ranks: within tolerance only if every rank's is.
-        gap = float(self.strategy.all_reduce_sum(torch.tensor([gap], dtype=torch.float64))[0])
-        tolerance = PACKING_TOLERANCE[self.cfg.train.precision]
-        if gap > tolerance:
-            self.pack = False
-            self.packing_note = (f"sequence packing off: packed rows gave log-probs {gap:.2g} (relative) away "
-                                 "from padded ones; this model's attention does not keep packed sequences apart")
 
     def checkpoint(self, step: int, metrics: dict[str, Any], state: dict[str, Any]) -> None:
         import ray.train
@@ -296,9 +291,9 @@ class Worker:
                   f"{self.total_steps} steps, {s.world_size} workers ({torch.get_num_threads()} threads each), "
                   f"ZeRO-{cfg.train.zero_stage}"
                   + (f", resuming at step {start}" if start else ""), flush=True)
-        self.check_packing(start)
+        self.check_layout(start)
         if log:
-            for note in (self.logits_note, self.packing_note):
+            for note in (self.logits_note, self.layout_note):
                 if note:
                     print(f"[safedpo] {note}", flush=True)
         if "eval_before" not in state:
