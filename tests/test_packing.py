@@ -236,3 +236,30 @@ def test_sequence_logps_of_hand_built_padded_batch_still_work():
     logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
     expected, n = sequence_logps(logits, b["input_ids"], b["loss_mask"])
     assert torch.allclose(torch.cat([c, r]), expected, atol=1e-6) and torch.equal(torch.cat([lc, lr]), n)
+
+
+def test_probe_is_two_short_pairs_in_one_row_and_still_catches_a_leak():
+    from safedpo_ray.data.packing import probe_pairs
+
+    rows = random_pairs(4)
+    probe = probe_pairs(rows, prompt_tokens=5, response_tokens=3)
+    assert len(probe["prompt_ids"]) == 2 and probe["prompt_ids"][0] == rows["prompt_ids"][0][-5:]
+    assert probe["chosen_ids"][1] == rows["chosen_ids"][1][:3] and probe["rejected_unsafe"] == [0.0, 1.0]
+    for layout in ("packed", "shared"):
+        assert collate_pairs(probe, 0, layout=layout, row_capacity=4096)["input_ids"].shape[0] == 1
+    model = tiny_llama()
+
+    class CrossAttending(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, position_ids=None, attention_mask=None, use_cache=False):
+            mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+            return self.inner(input_ids=input_ids, attention_mask=mask, use_cache=use_cache)
+
+    def collate(layout):
+        return collate_pairs(probe_pairs(rows), 0, layout=layout, row_capacity=4096)
+
+    assert usable_layout(model, "shared", collate, "fp32") == ("shared", "")
+    assert usable_layout(CrossAttending(model), "packed", collate, "fp32")[0] == "padded"

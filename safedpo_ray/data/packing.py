@@ -68,18 +68,21 @@ class _Targets:
 
 
 def layout_pairs(prompts: list[list[int]], chosen: list[list[int]], rejected: list[list[int]], pad_id: int,
-                 layout: str = "padded", pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+                 layout: str = "padded", pad_to_multiple_of: int | None = None,
+                 row_capacity: int | None = None) -> dict[str, torch.Tensor]:
+    """`row_capacity`: the longest a packed row may be (default: the longest sequence or segment,
+    so that no row attends over more than a padded row would)."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown batch layout {layout!r}; one of {', '.join(LAYOUTS)}")
     if layout == "shared":
-        return _shared(prompts, chosen, rejected, pad_id, pad_to_multiple_of)
+        return _shared(prompts, chosen, rejected, pad_id, pad_to_multiple_of, row_capacity)
     n = len(prompts)
     sequences = [(p, r, i) for i, (p, r) in enumerate(zip(prompts + prompts, chosen + rejected))]
     lengths = [len(p) + len(r) for p, r, _ in sequences]
     if layout == "padded":
         rows = [[i] for i in range(len(sequences))]
     else:
-        rows = pack_rows(lengths, max(lengths))
+        rows = pack_rows(lengths, max(max(lengths), row_capacity or 0))
     width = _round_up(max(sum(lengths[i] for i in row) for row in rows), pad_to_multiple_of)
     input_ids = torch.full((len(rows), width), int(pad_id), dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
@@ -115,10 +118,10 @@ def _loss_mask(attention_mask: torch.Tensor, prompt_lengths: list[int]) -> torch
     return loss_mask
 
 
-def _shared(prompts, chosen, rejected, pad_id, pad_to_multiple_of):
+def _shared(prompts, chosen, rejected, pad_id, pad_to_multiple_of, row_capacity):
     n = len(prompts)
     lengths = [len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected)]
-    rows = pack_rows(lengths, max(lengths))
+    rows = pack_rows(lengths, max(max(lengths), row_capacity or 0))
     width = _round_up(max(sum(lengths[i] for i in row) for row in rows), pad_to_multiple_of)
     input_ids = torch.full((len(rows), width), int(pad_id), dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
@@ -146,3 +149,14 @@ def _shared(prompts, chosen, rejected, pad_id, pad_to_multiple_of):
     return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask_4d": mask, **targets.tensors(),
             "num_sequences": torch.tensor(2 * n),
             "num_tokens": torch.tensor(sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected)))}
+
+
+def probe_pairs(columns: dict, pairs: int = 2, prompt_tokens: int = 24, response_tokens: int = 12) -> dict:
+    """A few pairs of a batch cut short (the prompt's last tokens, the responses' first): enough
+    to tell whether a model keeps packed or shared rows' sequences apart, at a small fraction of
+    a micro-batch's forward (lay them out with a `row_capacity` that puts them in one row)."""
+    out = {k: list(v[:pairs]) for k, v in columns.items()}
+    out["prompt_ids"] = [list(p)[-prompt_tokens:] for p in out["prompt_ids"]]
+    for key in ("chosen_ids", "rejected_ids"):
+        out[key] = [list(r)[:response_tokens] for r in out[key]]
+    return out

@@ -109,8 +109,12 @@ class ReferenceLogps:
             from safedpo_ray.algorithm import usable_layout
 
             self.layout_checked = True
+            from safedpo_ray.data.packing import probe_pairs
+
+            probe = probe_pairs(columns)
             self.layout, _ = usable_layout(self.model, self.layout, lambda layout: {
-                k: v.to(self.device) for k, v in collate_pairs(columns, self.pad_id, layout=layout).items()},
+                k: v.to(self.device) for k, v in collate_pairs(probe, self.pad_id, layout=layout,
+                                                               row_capacity=4096).items()},
                 self.precision)
         collated = collate_pairs(columns, self.pad_id, layout=self.layout)
         with torch.no_grad():

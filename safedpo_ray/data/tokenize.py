@@ -110,6 +110,7 @@ def collate_pairs(
     *,
     pad_to_multiple_of: int | None = None,
     layout: str = "padded",
+    row_capacity: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """A micro-batch of B pairs as model input: sequences 0..B-1 are prompt+chosen, B..2B-1
     prompt+rejected, laid out `padded`, `packed` or `shared` (data/packing.py).
@@ -130,7 +131,7 @@ def collate_pairs(
     chosen, rejected = [_ids(c) for c in cols["chosen_ids"]], [_ids(r) for r in cols["rejected_ids"]]
     if not prompts or not len(prompts) == len(chosen) == len(rejected):
         raise ValueError("collate_pairs needs a non-empty batch with equal-length id columns")
-    out = layout_pairs(prompts, chosen, rejected, pad_token_id, layout, pad_to_multiple_of)
+    out = layout_pairs(prompts, chosen, rejected, pad_token_id, layout, pad_to_multiple_of, row_capacity)
     for col in _FLAG_COLUMNS:
         if col in cols:
             out[col] = torch.tensor([float(v) for v in _as_list(cols[col])], dtype=torch.float32)

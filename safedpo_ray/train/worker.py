@@ -28,6 +28,7 @@ from safedpo_ray.algorithm import (
 from safedpo_ray import logp_head
 from safedpo_ray.config import Config, config_from_dict
 from safedpo_ray.loss import uses_reference
+from safedpo_ray.data.packing import probe_pairs
 from safedpo_ray.data.tokenize import collate_pairs
 from safedpo_ray.models import (
     apply_lora,
@@ -210,16 +211,20 @@ class Worker:
     def check_layout(self, step: int) -> None:
         """A packed or shared layout must give the padded layout's log-probs: a model whose
         attention ignores the boundaries (custom code, an implementation without 4D masks) would
-        leak across sequences. Compared once on this step's first micro-batch, all ranks agreeing
-        (a sum of non-negative gaps); the next layout is used when they differ by more than rounding."""
-        positions = self.sampler.indices(step, 0)
+        leak across sequences. Compared once on two pairs of this step's first micro-batch cut
+        short and laid out in one row (a fraction of a second), all ranks agreeing (a sum of
+        non-negative gaps); the next layout is used when they differ by more than rounding."""
+        probe = probe_pairs(self.train_pairs.batch(self.sampler.indices(step, 0)))
+        device = self.strategy.device
 
         def agree(gap: float) -> float:
             return float(self.strategy.all_reduce_sum(torch.tensor([gap], dtype=torch.float64))[0])
 
         self.engine.eval()
         self.layout, self.layout_note = usable_layout(
-            self.engine, self.layout, lambda layout: self.collate(self.train_pairs, positions, layout),
+            self.engine, self.layout,
+            lambda layout: {k: v.to(device) for k, v in collate_pairs(probe, self.pad_id, layout=layout,
+                                                                      row_capacity=4096).items()},
             self.cfg.train.precision, agree)
         self.engine.train()
 
