@@ -79,6 +79,11 @@ def _train_tiny_tokenizer(texts: list[str], vocab_size: int, model_max_length: i
     )
 
 
+def is_tiny_model(output_dir: str | os.PathLike) -> bool:
+    """Whether `output_dir` holds a completely written tiny model (its marker is written last)."""
+    return (Path(output_dir) / _TINY_MARKER).exists()
+
+
 def build_tiny_model(
     output_dir: str | os.PathLike,
     texts: list[str],

@@ -24,11 +24,13 @@ def worker_env(use_gpu: bool) -> dict[str, str]:
     return env
 
 
-def ensure_ray(run: RunConfig) -> None:
+def ensure_ray(run: RunConfig, *, dashboard: bool = True) -> None:
     """ray.init once: the configured address, RAY_ADDRESS, or a local Ray with spare CPUs.
 
     A local Ray gets more logical CPUs than the workers reserve, so Ray Data tasks can run beside
     two 1-CPU train workers on a 2-core machine (else they wait forever for a free CPU).
+    `dashboard=False`: a local Ray for a command that runs no Ray Train (`prepare`) starts without
+    the dashboard (below), whose processes took 6-7% of the CPU time of a preparation.
     """
     import ray
 
@@ -39,8 +41,10 @@ def ensure_ray(run: RunConfig) -> None:
         return
     for k, v in {**LOCAL_ENV, **worker_env(run.use_gpu)}.items():
         os.environ.setdefault(k, v)
+    global _local_cores
     address = run.address or os.environ.get("RAY_ADDRESS")
     if address:
+        _local_cores = None
         ray.init(address=address, log_to_driver=True)
         console.ray_ready(run, started=True)  # workers' output: ours on the console, the rest to a file
         return
@@ -53,12 +57,35 @@ def ensure_ray(run: RunConfig) -> None:
     # instances on one machine (two users, a test beside a run) it may ask the wrong one, be told
     # the controller is gone, and remove our placement group, killing the run. So: a dashboard on
     # a port we choose, and that address pinned for every process of this job.
+    if not dashboard:
+        ray.init(num_cpus=num_cpus, log_to_driver=True, include_dashboard=False,
+                 runtime_env={"env_vars": worker_env(run.use_gpu)})
+        _local_cores = os.cpu_count() or 1
+        console.ray_ready(run, started=True)
+        return
     port = _free_port()
     env = {**worker_env(run.use_gpu), "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
     ray.init(num_cpus=num_cpus, log_to_driver=True, include_dashboard=True,
              dashboard_host="127.0.0.1", dashboard_port=port, runtime_env={"env_vars": env})
     os.environ["RAY_API_SERVER_ADDRESS"] = env["RAY_API_SERVER_ADDRESS"]
+    _local_cores = os.cpu_count() or 1
     console.ray_ready(run, started=True)
+
+
+_local_cores: int | None = None  # set when this process started a local Ray
+
+
+def parallel_cpus(free: float) -> int:
+    """How many 1-CPU tasks may run at once for CPU-bound work (data preparation): the CPUs free
+    now, but on a local Ray (whose logical CPUs outnumber the cores, see `ensure_ray`) no more
+    than the machine's cores; more processes only add start-up imports and switching."""
+    n = max(1, int(free))
+    return min(n, _local_cores) if _local_cores else n
+
+
+# Without any of these (NVIDIA driver and devices, WSL's GPU, ROCm's KFD) torch.cuda.is_available()
+# is False, known without importing torch at a command's start.
+GPU_DEVICE_PATHS = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg", "/dev/kfd")
 
 
 def driver_accelerator_env() -> str | None:
@@ -67,10 +94,11 @@ def driver_accelerator_env() -> str | None:
     Returns the variable set (None: it was set already, or CUDA is there and detected silently)."""
     if "DS_ACCELERATOR" in os.environ:
         return None
-    import torch
+    if any(os.path.exists(p) for p in GPU_DEVICE_PATHS):  # a GPU may be there: ask torch (seconds)
+        import torch
 
-    if torch.cuda.is_available():
-        return None
+        if torch.cuda.is_available():
+            return None
     os.environ["DS_ACCELERATOR"] = "cpu"
     return "DS_ACCELERATOR"
 
