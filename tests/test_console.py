@@ -72,14 +72,18 @@ def test_default_console_shows_our_lines_and_logs_the_rest(out_dir):
 @pytest.mark.timeout(240)
 def test_verbose_brings_ray_back_to_the_console(out_dir):
     """`prepare --verbose` (no training workers, so cheaper): Ray's and the libraries' driver output
-    is on the console again; the workers' lines go back to Ray's printer (next test)."""
-    done = run_cli(out_dir, "loud", "--verbose", verb="prepare")
+    is on the console again; the workers' lines go back to Ray's printer (next test). Its own output
+    directory: the tiny model is built there (with the first test's cache it would be copied, and
+    transformers would have nothing to say)."""
+    own = out_dir / "verbose"
+    own.mkdir(exist_ok=True)
+    done = run_cli(own, "loud", "--verbose", verb="prepare")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     both = done.stdout + done.stderr
     assert "Started a local Ray instance" in both and "Writing model shards" in both, both
     assert "statistics: " in done.stdout and "logs: " not in done.stdout
-    assert "Started a local Ray instance" in (out_dir / "loud" / "logs" / "console.log").read_text()  # the file too
-    assert_no_secret(done.stdout, done.stderr, root=out_dir / "loud")
+    assert "Started a local Ray instance" in (own / "loud" / "logs" / "console.log").read_text()  # the file too
+    assert_no_secret(done.stdout, done.stderr, root=own / "loud")
 
 
 def test_verbose_session_passes_worker_output_to_ray(tmp_path, capsys):
