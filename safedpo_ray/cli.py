@@ -45,7 +45,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     cfg = _load(args)
     plan = plan_data(cfg)  # a bad source is reported before Ray starts
     run_dir = run_dir_for(cfg)
-    prepared = prepare(cfg, run_dir, plan)
+    prepared = prepare(cfg, run_dir, plan, dashboard=False)  # no Ray Train here: no dashboard needed
     print(format_stats(prepared.stats))
     print(f"prepared pairs: {prepared.data.root} (train.arrow, eval.arrow; reused by later runs)\n"
           f"statistics: {run_dir / 'data_stats.json'}  tokenizer/model: {prepared.model_path}")

@@ -413,7 +413,7 @@ def check_config(cfg: Config) -> None:
 
 
 def _check_loss(cfg: Config) -> None:
-    from safedpo_ray.loss import LOSSES
+    from safedpo_ray.loss_names import LOSS_NAMES as LOSSES
 
     t = cfg.train
     if t.loss not in LOSSES:

@@ -151,16 +151,38 @@ class Session:
         self.undo.append(lambda: root.removeHandler(self.handler))
         logging.captureWarnings(True)
         self.undo.append(lambda: logging.captureWarnings(False))
-        try:  # transformers configures its logger (a stderr handler) on first use: do it now, then swap it
-            from transformers.utils import logging as hf_logging
+        if "transformers" in sys.modules:
+            try:  # transformers configures its logger (a stderr handler) on first use: do it now, then swap it
+                from transformers.utils import logging as hf_logging
 
-            hf_logging.get_logger("transformers")
-            if hf_logging.is_progress_bar_enabled():
-                hf_logging.disable_progress_bar()
-                self.undo.append(hf_logging.enable_progress_bar)
-        except Exception:  # pragma: no cover - transformers absent or changed
-            pass
+                hf_logging.get_logger("transformers")
+                if hf_logging.is_progress_bar_enabled():
+                    hf_logging.disable_progress_bar()
+                    self.undo.append(hf_logging.enable_progress_bar)
+            except Exception:  # pragma: no cover - transformers absent or changed
+                pass
+        else:
+            self.catch_console_handlers("transformers")
         self.route_loggers()
+
+    def catch_console_handlers(self, name: str) -> None:
+        """A library not imported yet (transformers: seconds, torch included) will give its logger
+        a stderr handler when it is: the file gets its records instead, as `route_loggers` would
+        arrange, without importing it now. (Its progress bars follow QUIET_ENV, read on import.)"""
+        lg = logging.getLogger(name)
+        session = self
+
+        def add_handler(handler: logging.Handler) -> None:
+            if _is_console(handler):
+                session.undo.append(lambda h=handler: logging.Logger.addHandler(lg, h))  # as route_loggers undoes
+                if session.handler in lg.handlers:
+                    return
+                session.undo.append(lambda: lg.removeHandler(session.handler))
+                handler = session.handler
+            logging.Logger.addHandler(lg, handler)
+
+        lg.addHandler = add_handler  # this logger only, until `finish`
+        self.undo.append(lambda: vars(lg).pop("addHandler", None))
 
     # -- Ray -----------------------------------------------------------------------------------
     def ray_ready(self, run: Any = None, started: bool = False) -> None:

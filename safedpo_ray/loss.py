@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from safedpo_ray.loss_names import LOSS_NAMES, REFERENCE_FREE, uses_reference  # noqa: F401 (re-exported)
+
 
 def safedpo_loss(
     policy_chosen_logps: torch.Tensor,
@@ -163,13 +165,8 @@ def simpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejec
 
 LOSSES = {"sigmoid": safedpo_loss, "ipo": ipo_loss, "robust": robust_loss, "hinge": hinge_loss,
           "simpo": simpo_loss}
-"""`train.loss` name → pure loss function."""
-REFERENCE_FREE = frozenset({"simpo"})
-"""Losses that never look at a reference model (no reference copy, pass or cache)."""
-
-
-def uses_reference(loss: str) -> bool:
-    return loss not in REFERENCE_FREE
+"""`train.loss` name → pure loss function (the names: loss_names.LOSS_NAMES, in that order)."""
+assert tuple(LOSSES) == LOSS_NAMES, "loss_names.LOSS_NAMES and LOSSES name the same losses"
 
 
 def preference_loss(loss: str, *, policy_chosen_logps, policy_rejected_logps, chosen_unsafe, rejected_unsafe,

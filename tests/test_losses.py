@@ -176,6 +176,9 @@ def test_robust_gradient_never_vanishes():
 
 def test_registry_and_reference_free():
     assert set(LOSSES) == {"sigmoid", "ipo", "robust", "hinge", "simpo"}
+    from safedpo_ray.loss_names import LOSS_NAMES
+
+    assert tuple(LOSSES) == LOSS_NAMES  # what a config is checked against, without torch
     assert LOSSES["sigmoid"] is safedpo_loss
     assert REFERENCE_FREE == {"simpo"} and not uses_reference("simpo") and uses_reference("ipo")
     with pytest.raises(ValueError, match="unknown loss"):

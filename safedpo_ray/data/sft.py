@@ -17,14 +17,17 @@ pairs, safe ones (`eval/loss`) and unsafe ones (`eval/loss/unsafe`, never traine
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterable, Mapping, Sequence
-
-import pandas as pd
-import torch
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from safedpo_ray.data.pipeline import DataError, ValidatedRows
 from safedpo_ray.data.schema import _is_missing, detect_schema, SchemaError
 from safedpo_ray.data.transform import pair_category
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+# pandas and torch are imported where they are used: the `sft` verb is registered by every
+# command's argument parser (safedpo_ray/cli.py), which should not pay for them.
 
 RESPONSES = ("helpful_safe", "all_safe")
 PLAIN_FIELDS = ("prompt", "response")
@@ -86,6 +89,8 @@ def validate_plain_rows(rows: list[dict[str, Any]], *, strict: bool = False, spl
 
 
 def _select_batch(batch: pd.DataFrame, kind: str, responses: str, held_out: bool) -> pd.DataFrame:
+    import pandas as pd
+
     records = []
     for row in batch.to_dict("records"):
         if kind == PLAIN:
@@ -128,6 +133,8 @@ def _cached_tokenizer(path: str, trust_remote_code: bool):
 
 def _tokenize_batch(batch: pd.DataFrame, tokenizer_path: str, trust_remote_code: bool,
                     max_length: int, max_prompt_length: int) -> pd.DataFrame:
+    import pandas as pd
+
     out = tokenize_examples({c: batch[c].tolist() for c in batch.columns}, _cached_tokenizer(tokenizer_path, trust_remote_code),
                             max_length=max_length, max_prompt_length=max_prompt_length)
     for k in ("prompt_truncated", "response_truncated"):
@@ -167,6 +174,8 @@ def examples_dataset(rows: list[dict[str, Any]], *, kind: str, responses: str, h
 def collate_examples(rows: list[Mapping[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """[B, L] right-padded prompt+response: `input_ids`, `attention_mask`, `loss_mask` (1 exactly
     on response tokens: the loss never sees the prompt) and `unsafe` float [B] when present."""
+    import torch
+
     if not rows:
         raise ValueError("collate_examples needs a non-empty batch")
     seqs = [([int(t) for t in r["prompt_ids"]], [int(t) for t in r["response_ids"]]) for r in rows]

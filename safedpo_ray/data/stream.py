@@ -76,7 +76,10 @@ def check_row(row: dict[str, Any], schema: str) -> tuple[dict[str, Any] | None, 
     the schema its columns fit, else checked against the closest one (naming what is missing)."""
     if "__invalid__" in row:
         return None, [row["__invalid__"]]
-    fields = {k: v for k, v in row.items() if k != "row_number"}
+    fields = dict(row)
+    fields.pop("row_number", None)
+    if schema in ("auto", "pku") and _plain_valid_pku(fields):
+        return fields, []  # what detect_schema + validate_row + to_pku give such a row (a fresh dict)
     kind = schema
     if schema == "auto":
         try:
@@ -87,6 +90,24 @@ def check_row(row: dict[str, Any], schema: str) -> tuple[dict[str, Any] | None, 
     if reasons:
         return None, reasons
     return to_pku(fields, kind), []
+
+
+def _plain_valid_pku(f: dict[str, Any]) -> bool:
+    """True for a PKU row that `validate_row` passes, checked with exact types only (str texts,
+    bool labels, int ids 0/1, as JSON rows have them); anything else (missing, NaN, numpy, 0/1
+    labels, float ids, ...) takes the general path, which names what is wrong. With every PKU
+    field present, 'auto' detects 'pku' too."""
+    try:
+        prompt, a, b = f["prompt"], f["response_0"], f["response_1"]
+        s0, s1, better, safer = (f["is_response_0_safe"], f["is_response_1_safe"], f["better_response_id"],
+                                 f["safer_response_id"])
+    except KeyError:
+        return False
+    if not (type(prompt) is str and type(a) is str and type(b) is str and type(s0) is bool and type(s1) is bool
+            and type(better) is int and type(safer) is int and better in (0, 1) and safer in (0, 1)):
+        return False
+    a, b = a.strip(), b.strip()
+    return bool(prompt.strip()) and bool(a) and bool(b) and a != b
 
 
 def closest_schema(columns) -> str:
@@ -122,36 +143,43 @@ def _tokenizer(path: str, trust_remote_code: bool):
     return load_tokenizer(localize(path), trust_remote_code=trust_remote_code)
 
 
+_OUT_NAMES = _OUT_SCHEMA.names
+_TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "prompt_truncated", "chosen_truncated",
+                  "rejected_truncated")
+
+
 def _build_batch(records: list[dict[str, Any]], p: dict[str, Any]) -> pa.Table:
     """T and tokenization of one batch of checked rows; one output row per input row."""
     from safedpo_ray.data.tokenize import tokenize_pairs
 
-    cols: dict[str, list] = {f.name: [] for f in _OUT_SCHEMA}
+    n = len(records)
+    cols: dict[str, list] = {name: [None] * n for name in _OUT_NAMES}  # built column by column
     pairs, owners = [], []
-    for r in records:
+    category, outcome_col = cols["category"], cols["outcome"]
+    for i, r in enumerate(records):
         pku = r.pop("pku", None)
-        out = {**{k: None for k in cols}, **r}
+        for k, v in r.items():
+            cols[k][i] = v
         if pku is not None:
             mode = p["mode"] if r["split"] == "train" else "safedpo"
             pair, outcome = transform_with_outcome(pku, mode)
-            out.update(category=pair_category(pku), outcome=outcome)
+            category[i], outcome_col[i] = pair_category(pku), outcome
             if pair is not None:
-                owners.append(len(cols["pair_id"]))
+                owners.append(i)
                 pairs.append(pair)
-        for k in cols:
-            cols[k].append(out.get(k))
     if pairs:
         tok = tokenize_pairs({k: [q[k] for q in pairs] for k in ("prompt", "chosen", "rejected")},
                              _tokenizer(p["tokenizer"], p["trust_remote_code"]),
                              max_length=p["max_length"], max_prompt_length=p["max_prompt_length"])
-        for j, i in enumerate(owners):
-            for k in ("prompt_ids", "chosen_ids", "rejected_ids", "prompt_truncated", "chosen_truncated",
-                      "rejected_truncated"):
-                cols[k][i] = tok[k][j]
-            cols["chosen_unsafe"][i] = pairs[j]["chosen_unsafe"]
-            cols["rejected_unsafe"][i] = pairs[j]["rejected_unsafe"]
-            cols["prompt"][i] = pairs[j]["prompt"]
-    cols["node"] = [_node_id()] * len(cols["pair_id"])
+        for k in _TOKEN_COLUMNS:
+            col, values = cols[k], tok[k]
+            for j, i in enumerate(owners):
+                col[i] = values[j]
+        for k in ("chosen_unsafe", "rejected_unsafe", "prompt"):
+            col = cols[k]
+            for i, pair in zip(owners, pairs):
+                col[i] = pair[k]
+    cols["node"] = [_node_id()] * n
     return pa.table(cols, schema=_OUT_SCHEMA)
 
 
@@ -248,39 +276,43 @@ class Tally:
         d = t.select(["pair_id", "split", "status", "dup", "category", "outcome", "reasons", "raw",
                       "file_index", "row_number", "chosen_unsafe", "rejected_unsafe", "prompt_truncated",
                       "chosen_truncated", "rejected_truncated"]).to_pydict()
-        keep = {"train": [], "eval": []}
+        keep: dict[str, list[int]] = {"train": [], "eval": []}
         quarantine = []
-        for i in range(t.num_rows):
-            split = d["split"][i]
-            s = self.split(split)
+        drop = self.drop_duplicates
+        current, s, seen = None, None, None
+        for i, (split, status, dup, pid) in enumerate(zip(d["split"], d["status"], d["dup"], d["pair_id"])):
+            if split != current:  # rows of a batch mostly share their split
+                current, s, seen = split, self.split(split), self.seen[split]
             s["rows_read"] += 1
-            self.rows += 1
-            if d["status"][i] != "ok":
+            if status != "ok":
                 s["rows_quarantined"] += 1
                 quarantine.append({"split": split, "file": names[d["file_index"][i]],
                                    "row_number": d["row_number"][i], "reasons": json.loads(d["reasons"][i]),
                                    "row": d["raw"][i]})
                 continue
-            first = self.seen[split].setdefault(d["dup"][i], d["pair_id"][i])
-            if first != d["pair_id"][i]:
+            first = seen.setdefault(dup, pid)
+            if first != pid:
                 s["rows_duplicate"] += 1
-            if first != d["pair_id"][i] and self.drop_duplicates:
-                s["rows_quarantined"] += 1
-                f, n = row_location(first)
-                quarantine.append({"split": split, "file": names[d["file_index"][i]],
-                                   "row_number": d["row_number"][i],
-                                   "reasons": [f"duplicate of row {n} of {names[f]}"], "row": None})
-                continue
+                if drop:
+                    s["rows_quarantined"] += 1
+                    f, n = row_location(first)
+                    quarantine.append({"split": split, "file": names[d["file_index"][i]],
+                                       "row_number": d["row_number"][i],
+                                       "reasons": [f"duplicate of row {n} of {names[f]}"], "row": None})
+                    continue
             counts = s["transform"].setdefault(d["category"][i], {})
-            counts[d["outcome"][i]] = counts.get(d["outcome"][i], 0) + 1
-            if d["outcome"][i] == "discarded":
+            outcome = d["outcome"][i]
+            counts[outcome] = counts.get(outcome, 0) + 1
+            if outcome == "discarded":
                 continue
             keep[split].append(i)
             s["pairs"] += 1
+            truncated = s["truncated"]
             for k in ("prompt", "chosen", "rejected"):
-                s["truncated"][k] += int(bool(d[f"{k}_truncated"][i]))
+                truncated[k] += int(bool(d[f"{k}_truncated"][i]))
             kind = f"{'unsafe' if d['chosen_unsafe'][i] else 'safe'}_{'unsafe' if d['rejected_unsafe'][i] else 'safe'}"
             s["pair_types"][kind] = s["pair_types"].get(kind, 0) + 1
+        self.rows += t.num_rows
         self.quarantined += len(quarantine)
         return {k: t.take(v) for k, v in keep.items() if v}, quarantine
 
@@ -310,6 +342,22 @@ class Progress:
             print(line, flush=True)
 
 
+def free_cpus(wait_s: float = 1.0) -> float:
+    """The CPUs free now, as a limit for the whole preparation. Tasks that have just returned (the
+    newline counting of `number_chunks`, right before) keep their workers' leases for a moment:
+    measured here, 0 or 2 of 4 CPUs free for 0.1 s, and a limit read then ran the whole
+    preparation one task at a time. So: the most seen within `wait_s` (at once when all are free)."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 1)
+    best, start = 0.0, time.monotonic()
+    while True:
+        best = max(best, ray.available_resources().get("CPU", 0))
+        if best >= total or time.monotonic() - start >= wait_s:
+            return best
+        time.sleep(0.05)
+
+
 def run_pipeline(chunks: list[Chunk], names: list[str], out_dir, params: dict[str, Any], *,
                  max_rows: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Stream the chunks through Ray Data into out_dir/{train,eval}.arrow and quarantine.jsonl;
@@ -324,9 +372,11 @@ def run_pipeline(chunks: list[Chunk], names: list[str], out_dir, params: dict[st
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.execution_options.preserve_order = True  # the prepared order is the chunks' order
-    # What preparation may hold: the CPUs free now (a search's running trials keep theirs).
-    free = int(ray.available_resources().get("CPU", 1))
-    ctx.execution_options.resource_limits = ExecutionResources(cpu=max(1, free))
+    # What preparation may hold: the CPUs free now (a search's running trials keep theirs), and
+    # on a local Ray no more tasks than cores (each task process imports torch and transformers).
+    from safedpo_ray.ray_env import parallel_cpus
+
+    ctx.execution_options.resource_limits = ExecutionResources(cpu=parallel_cpus(free_cpus()))
     specs = [{"chunk": json.dumps(asdict(c))} for c in chunks]
     ds = ray.data.from_items(specs, override_num_blocks=len(specs))
     ds = ds.map_batches(_process_batch, batch_size=1, batch_format="numpy", fn_kwargs={"p": params},

@@ -121,7 +121,13 @@ class DeepSpeedStrategy:
 
         if not on_gpu:
             # The shared-memory comm op compiles for ~30-40 s on first use; gloo is enough on CPU.
-            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+            # Reading `__compatible_ops__` would first probe every op (compiler runs, ~0.1-0.4 s per
+            # worker); only this entry is read on CPU (deepspeed.comm's shm check), so set it alone.
+            ops = deepspeed.ops
+            compatible = vars(ops).get("__compatible_ops__")
+            if compatible is None:
+                ops.__compatible_ops__ = compatible = {}
+            compatible["deepspeed_shm_comm"] = False
         self._ds = deepspeed
 
     # -- process group -------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from safedpo_ray.algorithm import (
 )
 from safedpo_ray import logp_head
 from safedpo_ray.config import Config, config_from_dict
-from safedpo_ray.loss import uses_reference
+from safedpo_ray.loss_names import uses_reference
 from safedpo_ray.data.packing import probe_pairs
 from safedpo_ray.data.tokenize import collate_pairs
 from safedpo_ray.models import (
