@@ -37,8 +37,9 @@ SHARED = ROOT.parent / "shared" / "data" / "pku_saferlhf" / "train_slice_40.json
 
 
 def write_rows(path: Path, n: int) -> str:
-    if path.exists():
-        return "cached"
+    kind_file = path.with_suffix(".kind")
+    if path.exists() and kind_file.exists():  # rows written by an earlier run of this benchmark
+        return kind_file.read_text()
     if SHARED.exists():
         base = [json.loads(line) for line in SHARED.read_text().splitlines() if line.strip()]
         kind = f"real PKU rows ({SHARED.name}), prompts made unique"
@@ -55,6 +56,7 @@ def write_rows(path: Path, n: int) -> str:
             row["prompt"] = f"{row['prompt']} (#{i})"
             f.write(json.dumps(row) + "\n")
     tmp.rename(path)
+    kind_file.write_text(kind)
     return kind
 
 
