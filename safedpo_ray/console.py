@@ -163,6 +163,8 @@ class Session:
                 pass
         else:
             self.catch_console_handlers("transformers")
+        if "ray.data" not in sys.modules:  # Ray Data sets its stderr handler when first imported
+            self.catch_console_handlers("ray.data")
         self.route_loggers()
 
     def catch_console_handlers(self, name: str) -> None:

@@ -181,3 +181,27 @@ print(vars(deepspeed.ops)["__compatible_ops__"], build_shm_op())
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "{'deepspeed_shm_comm': False} None", done.stdout
+
+
+def test_ray_data_logs_reach_the_file_when_imported_after_the_console_starts(tmp_path):
+    """Ray Data gives its logger a stderr handler when first imported (by preparation, long after
+    the console started): its warnings and 'execution finished' lines belong in the log file."""
+    code = r"""
+import logging, sys
+from pathlib import Path
+from safedpo_ray import console
+session = console.start("prepare")
+assert "ray.data" not in sys.modules
+session.attach(Path(sys.argv[1]))
+import ray.data
+logging.getLogger("ray.data._internal.execution").warning("DATA-TO-FILE")
+lg = logging.getLogger("ray.data")
+assert session.handler in lg.handlers and not [h for h in lg.handlers if console._is_console(h)], lg.handlers
+console.finish()
+print("ok")
+"""
+    log = tmp_path / "console.log"
+    done = subprocess.run([sys.executable, "-c", code, str(log)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr
+    assert "DATA-TO-FILE" not in done.stderr + done.stdout.replace("ok", ""), done.stderr
+    assert "DATA-TO-FILE" in log.read_text()
