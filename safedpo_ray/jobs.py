@@ -32,7 +32,7 @@ from typing import Any
 
 from safedpo_ray.errors import UserError
 
-SUBMIT_VERBS = ("train", "tune", "evaluate", "train-scorer", "verify")
+SUBMIT_VERBS = ("train", "prepare", "tune", "evaluate", "train-scorer", "verify")
 # Never shipped with a job: version control, environments, outputs and caches.
 DEFAULT_EXCLUDES = [".git", ".venv", "venv", "env", "runs", "eval", "scorers", "**/__pycache__", "*.egg-info",
                     ".pytest_cache", ".mypy_cache", ".cache", "*.safetensors", "*.bin", "*.gguf", "*.pt",
@@ -147,7 +147,7 @@ def validate(verb: str, ns: argparse.Namespace | None, config: Path | None) -> N
     if ns is None:
         return
     overrides = getattr(ns, "overrides", None) or []
-    if verb == "train":
+    if verb in ("train", "prepare"):
         from safedpo_ray.config import load_config
 
         load_config(config, overrides)
@@ -382,7 +382,7 @@ def register(subparsers) -> None:
     """Add `submit` and `jobs` to the `safedpo-ray` sub-command parser."""
     address_help = "Ray dashboard / job server, e.g. http://127.0.0.1:8265 (default: $RAY_ADDRESS)"
     p = subparsers.add_parser(
-        "submit", help="submit a train/tune/evaluate/train-scorer/verify job to a Ray cluster (Ray Jobs API)",
+        "submit", help="submit a train/prepare/tune/evaluate/train-scorer/verify job to a Ray cluster (Ray Jobs API)",
         usage="safedpo-ray submit [--address URL] [--wait] [options] -- VERB ARGS...",
         description="Check the command here, ship the working directory (with a --config file) as the job's "
                     f"runtime_env, and run `safedpo-ray VERB ARGS...` on the cluster. VERB: {', '.join(SUBMIT_VERBS)}.")

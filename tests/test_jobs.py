@@ -58,7 +58,8 @@ def test_every_submittable_verb_is_checked_here(project):
     (["--", "train", "train.beta=-1"], 2, "config error: 'train.beta' must be > 0"),
     (["--", "train", "--config", "missing.yaml"], 2, "--config missing.yaml: no such file"),
     (["--", "train", "--bogus"], 2, "is invalid (see above); nothing was submitted"),
-    (["--", "prepare"], 2, "cannot submit 'prepare': submit runs one of train, tune, evaluate"),
+    (["--", "sft"], 2, "cannot submit 'sft': submit runs one of train, prepare, tune, evaluate"),
+    (["--", "prepare", "data.max_length=-1"], 2, "config error: 'data.max_length'"),
     (["--"], 2, "nothing to submit"),
     (["--env", "SAFEDPO_SURELY_UNSET", "--", "train"], 2, "--env SAFEDPO_SURELY_UNSET: not set here"),
 ])

@@ -268,6 +268,28 @@ def test_rank0_off_the_driver_node_reaches_storage(cluster, s3, job_dir, capsys,
     assert sum(p.numel() for p in load_model(summary["model_dir"]).parameters()) > 10_000
 
 
+def test_prepare_reads_on_both_nodes(cluster, tmp_path, capsys):
+    """`prepare` as a cluster job on shards: Ray Data's read tasks run on the head and on the worker
+    node (Ray Data's SPREAD), and every row of every shard is read once."""
+    from safedpo_ray.data.synthetic import make_synthetic_rows
+
+    cluster.ensure_worker()
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    rows = make_synthetic_rows(240, seed=3)
+    for i in range(8):  # eight files: eight read tasks for five CPUs on two nodes
+        (shards / f"part-{i}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[i * 30:(i + 1) * 30]))
+    capsys.readouterr()
+    code = cli(["submit", "--address", cluster.dashboard, "--working-dir", str(tmp_path), "--wait", "--",
+                "prepare", "data.source=shards", "run.output_dir=out", "run.name=p", "data.max_length=96",
+                "data.max_prompt_length=48"])
+    out = capsys.readouterr()
+    assert code == 0, out.out + out.err
+    assert "[safedpo] rows were read on 2 nodes" in out.out, out.out
+    found = re.search(r"(\d+) rows read", out.out)
+    assert found and int(found.group(1)) == 240, out.out
+
+
 def test_lose_the_worker_node_and_finish_the_same(cluster, s3, job_dir, capsys):
     """A 2-node run loses its worker node mid-training; a new node joins; the job finishes from
     its last checkpoint with the same losses, pairs and final metrics as an undisturbed run."""

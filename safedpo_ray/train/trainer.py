@@ -177,14 +177,38 @@ def tiny_model(cfg: Config, out: Path, texts: list[str]) -> Path:
     return out
 
 
-def prepare(cfg: Config, run_dir: Path, plan: DataPlan | None = None, *, dashboard: bool = True) -> Prepared:
+def start_model(cfg: Config, run_dir: Path, plan: DataPlan):
+    """`resolve_model` in a thread, started before Ray: building the tiny preset (tokenizer
+    training, torch's import) or converting a GGUF file takes seconds that a local `ray.init`
+    spends waiting for its processes. Returns a future; `.result()` re-raises its error."""
+    import threading
+    from concurrent.futures import Future
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(resolve_model(cfg, run_dir, lambda: sample_texts(plan.chunks, cfg.data.schema)))
+        except BaseException as exc:  # noqa: BLE001  (re-raised by .result() in the caller)
+            future.set_exception(exc)
+
+    # a daemon: a command that fails meanwhile (Ray unreachable) exits without waiting for it
+    threading.Thread(target=run, name="safedpo-model", daemon=True).start()
+    return future
+
+
+def prepare(cfg: Config, run_dir: Path, plan: DataPlan | None = None, *, dashboard: bool = True,
+            model=None) -> Prepared:
     """Prepared pairs of both splits (reused from the cache, or one streaming Ray Data pass:
     read, validate with quarantine, split, T, tokenize) and the model path workers load.
-    `dashboard=False`: a local Ray started here has no dashboard (`safedpo-ray prepare`)."""
+    `dashboard=False`: a local Ray started here has no dashboard (`safedpo-ray prepare`).
+    `model`: the future of `start_model`, when the caller started it (else started here)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     plan = plan or plan_data(cfg)
-    model_path = resolve_model(cfg, run_dir, lambda: sample_texts(plan.chunks, cfg.data.schema))
-    ensure_ray(cfg.run, dashboard=dashboard)
+    model = model or start_model(cfg, run_dir, plan)
+    ensure_ray(cfg.run, dashboard=dashboard)  # while the model is resolved
+    model_path = model.result()
     data = prepare_data(cfg, chunks=plan.chunks, names=plan.names, identity=plan.identity, tokenizer_path=model_path)
     quarantined = copy_run_files(data, run_dir)
     print(f"[safedpo] {data.describe()}", flush=True)
@@ -261,12 +285,13 @@ def train(cfg: Config) -> dict[str, Any]:
     import ray  # noqa: F401  (Ray's core modules, before the preloading thread imports Ray Train)
 
     preload = preload_modules(PRELOAD)  # imported while ray.init waits for Ray's processes
+    model = start_model(cfg, run_dir, plan)  # so is the model built or converted
     ensure_ray(cfg.run)
     preload.join()
     preempt.rearm()  # ray.init replaced our SIGTERM/SIGINT handlers (train/preempt.py)
     _check_resources(cfg)
     run_storage.check_cluster_storage(cfg.run)  # several nodes: outputs need shared storage
-    prepared = prepare(cfg, run_dir, plan)
+    prepared = prepare(cfg, run_dir, plan, model=model)
     root = run_storage.run_root(cfg.run, cfg.run.name)
     prepared.model_path = run_storage.publish_driver_files(root, run_dir, prepared.model_path)
     attach_reference(cfg, prepared)
