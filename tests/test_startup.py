@@ -118,29 +118,6 @@ def test_a_command_reaches_ray_without_torch_or_transformers(tmp_path):
     assert imported == set(), done.stdout
 
 
-def test_transformers_logs_reach_the_file_when_imported_after_the_console_starts(tmp_path):
-    code = r"""
-import logging, sys
-from pathlib import Path
-from safedpo_ray import console
-session = console.start("train")
-assert "transformers" not in sys.modules
-session.attach(Path(sys.argv[1]))
-from transformers.utils import logging as hf_logging
-hf_logging.get_logger("transformers.models.llama").warning("ROUTED-TO-FILE")
-lg = logging.getLogger("transformers")
-assert session.handler in lg.handlers and not [h for h in lg.handlers if h is not session.handler], lg.handlers
-console.finish()
-assert session.handler not in lg.handlers and "addHandler" not in vars(lg), lg.handlers
-print("ok")
-"""
-    log = tmp_path / "console.log"
-    done = subprocess.run([sys.executable, "-c", code, str(log)], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr
-    assert "ROUTED-TO-FILE" not in done.stderr, done.stderr
-    assert "WARNING transformers.models.llama: ROUTED-TO-FILE" in log.read_text()
-
-
 def test_preparation_runs_no_more_tasks_than_cores_on_a_local_ray(monkeypatch):
     from safedpo_ray import ray_env
 
@@ -183,25 +160,33 @@ print(vars(deepspeed.ops)["__compatible_ops__"], build_shm_op())
     assert done.stdout.strip().splitlines()[-1] == "{'deepspeed_shm_comm': False} None", done.stdout
 
 
-def test_ray_data_logs_reach_the_file_when_imported_after_the_console_starts(tmp_path):
-    """Ray Data gives its logger a stderr handler when first imported (by preparation, long after
-    the console started): its warnings and 'execution finished' lines belong in the log file."""
-    code = r"""
+LATE_IMPORT = r"""
 import logging, sys
 from pathlib import Path
 from safedpo_ray import console
-session = console.start("prepare")
-assert "ray.data" not in sys.modules
+session = console.start("train")
+assert "MODULE" not in sys.modules
 session.attach(Path(sys.argv[1]))
-import ray.data
-logging.getLogger("ray.data._internal.execution").warning("DATA-TO-FILE")
-lg = logging.getLogger("ray.data")
+import MODULE
+logging.getLogger("LOGGER").warning("ROUTED-TO-FILE")
+lg = logging.getLogger("MODULE")
 assert session.handler in lg.handlers and not [h for h in lg.handlers if console._is_console(h)], lg.handlers
 console.finish()
+assert session.handler not in lg.handlers and "addHandler" not in vars(lg), lg.handlers
 print("ok")
 """
+
+
+@pytest.mark.parametrize("module, logger", [
+    ("transformers", "transformers.models.llama"),  # imported by the workers' module, after the console starts
+    ("ray.data", "ray.data._internal.execution"),  # imported by preparation: its warnings, 'execution finished'
+])
+def test_late_imported_libraries_log_to_the_file(tmp_path, module, logger):
+    """Both give their logger a stderr handler when first imported, long after the console
+    started; their lines belong in the run's log file, not on the console."""
+    code = LATE_IMPORT.replace("LOGGER", logger).replace("MODULE", module)
     log = tmp_path / "console.log"
     done = subprocess.run([sys.executable, "-c", code, str(log)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr
-    assert "DATA-TO-FILE" not in done.stderr + done.stdout.replace("ok", ""), done.stderr
-    assert "DATA-TO-FILE" in log.read_text()
+    assert "ROUTED-TO-FILE" not in done.stderr + done.stdout, done.stderr
+    assert f"WARNING {logger}: ROUTED-TO-FILE" in log.read_text()
