@@ -186,10 +186,14 @@ def start_model(cfg: Config, run_dir: Path, plan: DataPlan):
 
     run_dir.mkdir(parents=True, exist_ok=True)
     future: Future = Future()
+    texts = lambda: sample_texts(plan.chunks, cfg.data.schema)  # noqa: E731
+    if cfg.model.name_or_path == "tiny":  # models.TINY_PRESET (that module imports torch)
+        # read here, not in the thread: rows that are all invalid are one sentence before Ray starts
+        texts = texts()
 
     def run() -> None:
         try:
-            future.set_result(resolve_model(cfg, run_dir, lambda: sample_texts(plan.chunks, cfg.data.schema)))
+            future.set_result(resolve_model(cfg, run_dir, texts))
         except BaseException as exc:  # noqa: BLE001  (re-raised by .result() in the caller)
             future.set_exception(exc)
 
