@@ -20,6 +20,9 @@ import yaml
 from safedpo_ray.data.transform import MODES
 from safedpo_ray.errors import UserError
 
+TINY_PRESET = "tiny"
+"""`model.name_or_path` of the tiny preset built from the training texts (safedpo_ray/models.py)."""
+
 
 class ConfigError(UserError):
     """A configuration problem; the message names the key."""
@@ -83,7 +86,7 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = "tiny"
+    name_or_path: str = TINY_PRESET
     """'tiny' (built-in random-init preset), a hub model id, or a local directory."""
     gguf_file: str | None = None
     """A GGUF file name inside name_or_path (or a path to one); converted once to safetensors before training."""

@@ -13,9 +13,9 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-logger = logging.getLogger(__name__)
+from safedpo_ray.config import TINY_PRESET  # noqa: F401  (defined torch-free there; re-exported)
 
-TINY_PRESET = "tiny"
+logger = logging.getLogger(__name__)
 
 BOS_TOKEN = "<|bos|>"
 EOS_TOKEN = "<|eos|>"

@@ -191,8 +191,3 @@ def test_late_imported_libraries_log_to_the_file(tmp_path, module, logger):
     assert "ROUTED-TO-FILE" not in done.stderr + done.stdout, done.stderr
     assert f"WARNING {logger}: ROUTED-TO-FILE" in log.read_text()
 
-
-def test_the_tiny_preset_is_the_name_trainer_checks_before_ray():
-    from safedpo_ray.models import TINY_PRESET
-
-    assert TINY_PRESET == "tiny"  # train/trainer.start_model reads the texts before Ray for this name

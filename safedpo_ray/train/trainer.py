@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safedpo_ray.config import Config, dump_config
+from safedpo_ray.config import TINY_PRESET, Config, dump_config
 from safedpo_ray.data.prepared import (
     PreparedData,
     cache_base,
@@ -187,7 +187,7 @@ def start_model(cfg: Config, run_dir: Path, plan: DataPlan):
     run_dir.mkdir(parents=True, exist_ok=True)
     future: Future = Future()
     texts = lambda: sample_texts(plan.chunks, cfg.data.schema)  # noqa: E731
-    if cfg.model.name_or_path == "tiny":  # models.TINY_PRESET (that module imports torch)
+    if cfg.model.name_or_path == TINY_PRESET:
         # read here, not in the thread: rows that are all invalid are one sentence before Ray starts
         texts = texts()
 
