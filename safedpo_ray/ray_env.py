@@ -50,6 +50,10 @@ def ensure_ray(run: RunConfig, *, dashboard: bool = True) -> None:
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local Ray needs no token
     _bind_loopback()
+    # The workers' environment goes through this process's (the local raylet and its workers are
+    # its children), not a job runtime_env: with one, no prestarted worker could run our tasks and
+    # each first task or actor waited ~1 s for a worker made by the runtime-env agent.
+    os.environ.update(worker_env(run.use_gpu))
     needed = int(run.num_workers * run.cpus_per_worker) + 2
     num_cpus = run.local_num_cpus or max(os.cpu_count() or 1, needed)
     # Ray Train's placement-group cleaner asks the state API (served by the dashboard) whether the
@@ -58,16 +62,14 @@ def ensure_ray(run: RunConfig, *, dashboard: bool = True) -> None:
     # the controller is gone, and remove our placement group, killing the run. So: a dashboard on
     # a port we choose, and that address pinned for every process of this job.
     if not dashboard:
-        ray.init(num_cpus=num_cpus, log_to_driver=True, include_dashboard=False,
-                 runtime_env={"env_vars": worker_env(run.use_gpu)})
+        ray.init(num_cpus=num_cpus, log_to_driver=True, include_dashboard=False)
         _local_cores = os.cpu_count() or 1
         console.ray_ready(run, started=True)
         return
     port = _free_port()
-    env = {**worker_env(run.use_gpu), "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     ray.init(num_cpus=num_cpus, log_to_driver=True, include_dashboard=True,
-             dashboard_host="127.0.0.1", dashboard_port=port, runtime_env={"env_vars": env})
-    os.environ["RAY_API_SERVER_ADDRESS"] = env["RAY_API_SERVER_ADDRESS"]
+             dashboard_host="127.0.0.1", dashboard_port=port)
     _local_cores = os.cpu_count() or 1
     console.ray_ready(run, started=True)
 

@@ -30,7 +30,7 @@ from safedpo_ray.data.files import BOM, SourceError
 from safedpo_ray.data.prepared import check_pairs, precheck, sample_texts
 from safedpo_ray.data.schema import PKU_FIELDS, to_pku
 from safedpo_ray.data.sources import chunks_for, prompt_in_eval
-from safedpo_ray.data.stream import PAIR_COLUMNS, DataError, Tally, _tokenizer, pair_id, process_chunk
+from safedpo_ray.data.stream import PAIR_COLUMNS, DataError, RowNumbers, Tally, _tokenizer, pair_id, process_chunk
 from safedpo_ray.data.tokenize import tokenize_pairs
 from safedpo_ray.data.transform import transform_with_outcome
 from safedpo_ray.models import build_tiny_model
@@ -55,14 +55,17 @@ def params(tok: str, **kw) -> dict:
 
 
 def local_pipeline(source: str, p: dict, *, chunk_bytes: int = 64 * 2**20):
-    """run_pipeline without Ray: the same per-chunk work and the same driver-side counting."""
-    chunks, names, _ = chunks_for(source, chunk_bytes=chunk_bytes)
+    """run_pipeline without Ray: the same per-chunk work and the same driver-side numbering and
+    counting. Byte ranges are not counted beforehand (count=False, as `plan_data` plans them): the
+    row numbers of every range after a file's first come from `RowNumbers`."""
+    chunks, names, _ = chunks_for(source, chunk_bytes=chunk_bytes, count=False)
+    numbers = RowNumbers(chunks)
     tally = Tally({"train": p["mode"], "eval": "safedpo"}, p["drop_duplicates"])
     pairs: dict[str, list] = {"train": [], "eval": []}
     quarantine: list[dict] = []
-    for chunk in chunks:
-        for table in process_chunk(chunk, p):
-            kept, bad = tally.add(table, names)
+    for seq, chunk in enumerate(chunks):
+        for table in process_chunk(chunk, p, seq):
+            kept, bad = tally.add(numbers.apply(table), names)
             for split, t in kept.items():
                 pairs[split] += t.select(PAIR_COLUMNS).to_pylist()
             quarantine += bad
@@ -500,7 +503,7 @@ def test_prepare_through_ray_in_many_chunks_matches_row_by_row(ray_local, tok, t
                              "data.drop_duplicates=true",
                              f"data.max_length={MAX_LENGTH}", f"data.max_prompt_length={MAX_PROMPT}",
                              f"model.name_or_path={tok}", f"run.output_dir={tmp_path}", "run.name=messy"])
-    chunks, names, identity = chunks_for(str(path), chunk_bytes=2500)  # 5 tasks; 2 start inside row 16
+    chunks, names, identity = chunks_for(str(path), chunk_bytes=2500, count=False)  # 5 tasks; 2 start inside row 16
     assert len(chunks) == 5
     precheck(chunks, names, "auto")
     prepared = prepare(cfg, tmp_path / "messy", DataPlan(chunks, names, identity))

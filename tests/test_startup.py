@@ -128,7 +128,7 @@ def test_preparation_runs_no_more_tasks_than_cores_on_a_local_ray(monkeypatch):
 
 
 def test_preparation_limit_waits_out_leases_of_tasks_that_just_returned(monkeypatch):
-    """Right after number_chunks' Ray tasks return, their workers' leases are held for ~0.1 s:
+    """Right after Ray tasks return, their workers' leases are held for ~0.1 s:
     a limit read then (0 free CPUs) ran a whole preparation one task at a time."""
     import ray
 

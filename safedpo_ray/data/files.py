@@ -201,8 +201,9 @@ def _parquet_chunks(index: int, sf: SourceFile, split: str) -> list[Chunk]:
 def plan_chunks(files: list[SourceFile], *, split: str = "hash", chunk_bytes: int = 64 * 2**20,
                 first_index: int = 0, mapper: Callable = map, count: bool = True) -> list[Chunk]:
     """Chunks of `files`. A large uncompressed .jsonl file is cut into byte ranges; the newlines
-    before each range (for row numbers) are counted through `mapper` (a parallel map on Ray), now
-    or, with count=False, later by `number_chunks` (a cached preparation never needs them)."""
+    before each range (for row numbers) are counted through `mapper`, or, with count=False, not
+    at all: the preparation pipeline numbers the rows of such ranges as they arrive
+    (`stream.RowNumbers`), with no pass over the files before reading them."""
     chunks: list[Chunk] = []
     for i, sf in enumerate(files, start=first_index):
         if sf.fmt == "parquet":
@@ -303,22 +304,28 @@ def _read_line(f, limit: int) -> tuple[bytes, int, int]:
 
 
 def _jsonl_rows(chunk: Chunk, max_row_bytes: int) -> Iterator[dict[str, Any]]:
+    """Rows of a .jsonl file or byte range. A range whose `lines_before` is unknown (-1) numbers
+    its rows from 1 + its newlines before them; the generator's return value is the newlines in
+    [start, end), from which the driver numbers the next range (stream.RowNumbers)."""
+    newlines = 0
     with _open_text_bytes(chunk) as f:
         line_no = 1
         end = chunk.end if chunk.end >= 0 else None
         pos = max(chunk.start, 0)
         if chunk.start > 0:
-            line_no = chunk.lines_before + 1
+            line_no = max(chunk.lines_before, 0) + 1
             f.seek(chunk.start - 1)
             if f.read(1) != b"\n":  # mid-line: that line belongs to the previous chunk
                 pos += _skip_line(f)  # the next line starts here: maybe past this chunk's end
                 line_no += 1
+                newlines += end is None or pos - 1 < end
         while end is None or pos < end:
             bom_room = len(BOM) if line_no == 1 and pos == 0 else 0  # a BOM is not the row's bytes
             line, length, consumed = _read_line(f, max_row_bytes + bom_room)
             if not consumed:
                 break
             pos += consumed
+            newlines += consumed > length and (end is None or pos - 1 < end)  # its newline, if in range
             if line_no == 1 and line.startswith(BOM):
                 line, length = line[len(BOM):], length - len(BOM)
             if length > max_row_bytes:
@@ -327,6 +334,7 @@ def _jsonl_rows(chunk: Chunk, max_row_bytes: int) -> Iterator[dict[str, Any]]:
             elif line.strip():
                 yield {**_parse_json_line(line, max_row_bytes), "row_number": line_no}
             line_no += 1
+    return newlines
 
 
 def _decode_document(data: bytes, what: str) -> str:
@@ -507,9 +515,10 @@ _READERS = {"jsonl": _jsonl_rows, "json": _json_rows, "csv": _csv_rows, "parquet
 
 
 def read_chunk(chunk: Chunk, *, max_row_bytes: int = MAX_ROW_BYTES) -> Iterator[dict[str, Any]]:
-    """The rows of a chunk, numbered; undecodable rows as `{"__invalid__": reason}`."""
+    """The rows of a chunk, numbered; undecodable rows as `{"__invalid__": reason}`. Returns (as a
+    generator's value) the newlines of a .jsonl byte range (`_jsonl_rows`)."""
     try:
-        yield from _READERS[chunk.fmt](chunk, max_row_bytes)
+        return (yield from _READERS[chunk.fmt](chunk, max_row_bytes))
     except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:  # a truncated or corrupt .gz, a vanished file
         raise SourceError(f"{chunk.uri}: cannot be read ({exc})") from exc
     except Exception as exc:  # a corrupt parquet file (pyarrow's ArrowInvalid is no OSError)

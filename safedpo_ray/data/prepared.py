@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from safedpo_ray import storage
-from safedpo_ray.data.files import SourceError, _open_text_bytes, number_chunks, read_chunk
+from safedpo_ray.data.files import SourceError, _open_text_bytes, read_chunk
 from safedpo_ray.data.schema import SCHEMAS, SchemaError, detect_schema
 from safedpo_ray.data.stream import DataError, check_row, run_pipeline
 
@@ -165,24 +165,23 @@ def sample_texts(chunks, schema: str, limit: int = 4096) -> list[str]:
 # --------------------------------------------------------------------------- prepare or reuse
 
 
-def ray_map(fn, items):
-    """`map` as Ray tasks (spread over the cluster's nodes), results in order."""
-    import ray
+def prepared_root(cfg, identity: list[str], tokenizer_path: str) -> tuple[str, str]:
+    """(key, directory) of the prepared pairs of `cfg.data` with this tokenizer."""
+    key = data_key(cfg.data, identity, tokenizer_fingerprint(tokenizer_path))
+    return key, storage.join(cache_base(cfg.run), "prepared", key)
 
-    items = list(items)
-    if len(items) <= 1:
-        return [fn(i) for i in items]
-    task = ray.remote(num_cpus=1)(lambda item: fn(item))
-    return ray.get([task.remote(i) for i in items])
+
+def is_prepared(cfg, identity: list[str], tokenizer_path: str) -> bool:
+    return storage.exists(storage.join(prepared_root(cfg, identity, tokenizer_path)[1], COMPLETE))
 
 
 def prepare_data(cfg, *, chunks, names: list[str], identity: list[str], tokenizer_path: str,
-                 progress: bool = True) -> PreparedData:
-    """The prepared pairs of `cfg.data` from the cache, or from one streaming Ray Data pass."""
+                 progress: bool = True, tokenizer_spec: dict | None = None) -> PreparedData:
+    """The prepared pairs of `cfg.data` from the cache, or from one streaming Ray Data pass.
+    `tokenizer_spec`: the tasks tokenize with the Rust backend alone (data/task_tokenizer.py)."""
     t0 = time.perf_counter()
     d = cfg.data
-    key = data_key(d, identity, tokenizer_fingerprint(tokenizer_path))
-    root = storage.join(cache_base(cfg.run), "prepared", key)
+    key, root = prepared_root(cfg, identity, tokenizer_path)
     if not storage.exists(storage.join(root, COMPLETE)):
         local = local_cache_base(cfg.run) / "prepared" / key if storage.is_remote(root) else Path(root)
         tmp = local.with_name(f"{key}.tmp-{os.getpid()}")
@@ -191,9 +190,9 @@ def prepare_data(cfg, *, chunks, names: list[str], identity: list[str], tokenize
         params = {"schema": d.schema, "strict": d.strict, "eval_fraction": d.eval_fraction, "mode": d.mode,
                   "tokenizer": tokenizer_path, "trust_remote_code": cfg.model.trust_remote_code,
                   "max_length": d.max_length, "max_prompt_length": d.max_prompt_length,
-                  "max_row_bytes": d.max_row_bytes, "drop_duplicates": d.drop_duplicates}
+                  "max_row_bytes": d.max_row_bytes, "drop_duplicates": d.drop_duplicates,
+                  "tokenizer_spec": tokenizer_spec}
         try:
-            chunks = number_chunks(chunks, mapper=ray_map)  # row numbers of large .jsonl byte ranges
             stats = run_pipeline(chunks, names, tmp, params, max_rows=d.max_rows, progress=progress)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -58,7 +58,7 @@ def config_chunks(cfg, seed: int, mapper=map, chunk_bytes: int = 64 * 2**20,
                   count: bool = True, min_tasks: int = 1) -> tuple[list[Chunk], list[str], list[str]]:
     """Chunks of the training source and of the held-out data a `DataConfig` asks for, with the
     names and identities of their files. count=False: byte ranges of large .jsonl files are not
-    numbered yet (`files.number_chunks`, run where the work is spread)."""
+    numbered (the pipeline numbers their rows as they arrive: `stream.RowNumbers`)."""
     chunks, names, identity = [], [], []
 
     def add(source: str, **kw) -> None:

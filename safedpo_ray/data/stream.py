@@ -52,7 +52,9 @@ _OUT_SCHEMA = pa.schema([
     *[f for f in PAIR_SCHEMA if f.name not in ("pair_id",)],
     ("prompt_truncated", pa.bool_()), ("chosen_truncated", pa.bool_()), ("rejected_truncated", pa.bool_()),
     ("node", pa.string()),  # the Ray node that read the row (reads spread over a cluster's nodes)
+    ("chunk_seq", pa.int32()),  # the chunk's place in the run's chunk list (RowNumbers)
 ])
+LINES = "lines"  # status of the row ending a byte range of unknown start line: row_number = its newlines
 
 
 class DataError(UserError):
@@ -143,12 +145,27 @@ def _tokenizer(path: str, trust_remote_code: bool):
     return load_tokenizer(localize(path), trust_remote_code=trust_remote_code)
 
 
+_BACKENDS: dict[str, Any] = {}  # tokenizer path → BackendTokenizer, one per task process
+
+
+def _task_tokenizer(p: dict[str, Any]):
+    """The Rust backend alone when the driver found it exact (`tokenizer_spec`), else transformers'."""
+    spec = p.get("tokenizer_spec")
+    if spec is None:
+        return _tokenizer(p["tokenizer"], p["trust_remote_code"])
+    if p["tokenizer"] not in _BACKENDS:
+        from safedpo_ray.data.task_tokenizer import BackendTokenizer
+
+        _BACKENDS[p["tokenizer"]] = BackendTokenizer(spec)
+    return _BACKENDS[p["tokenizer"]]
+
+
 _OUT_NAMES = _OUT_SCHEMA.names
 _TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "prompt_truncated", "chosen_truncated",
                   "rejected_truncated")
 
 
-def _build_batch(records: list[dict[str, Any]], p: dict[str, Any]) -> pa.Table:
+def _build_batch(records: list[dict[str, Any]], p: dict[str, Any], seq: int) -> pa.Table:
     """T and tokenization of one batch of checked rows; one output row per input row."""
     from safedpo_ray.data.tokenize import tokenize_pairs
 
@@ -169,7 +186,7 @@ def _build_batch(records: list[dict[str, Any]], p: dict[str, Any]) -> pa.Table:
                 pairs.append(pair)
     if pairs:
         tok = tokenize_pairs({k: [q[k] for q in pairs] for k in ("prompt", "chosen", "rejected")},
-                             _tokenizer(p["tokenizer"], p["trust_remote_code"]),
+                             _task_tokenizer(p),
                              max_length=p["max_length"], max_prompt_length=p["max_prompt_length"])
         for k in _TOKEN_COLUMNS:
             col, values = cols[k], tok[k]
@@ -180,6 +197,7 @@ def _build_batch(records: list[dict[str, Any]], p: dict[str, Any]) -> pa.Table:
             for i, pair in zip(owners, pairs):
                 col[i] = pair[k]
     cols["node"] = [_node_id()] * n
+    cols["chunk_seq"] = [seq] * n
     return pa.table(cols, schema=_OUT_SCHEMA)
 
 
@@ -192,10 +210,17 @@ def _node_id() -> str | None:
         return None
 
 
-def process_chunk(chunk: Chunk, p: dict[str, Any]) -> Iterator[pa.Table]:
-    """Read, check, split, transform and tokenize one chunk, in batches of at most BATCH rows."""
+def _returned(gen, box: list):
+    box.append((yield from gen))
+
+
+def process_chunk(chunk: Chunk, p: dict[str, Any], seq: int = 0) -> Iterator[pa.Table]:
+    """Read, check, split, transform and tokenize one chunk, in batches of at most BATCH rows.
+    A .jsonl byte range ends with a LINES row (its newline count), for `RowNumbers` on the driver;
+    one whose first line number is unknown (`lines_before` -1) numbers its rows from its start."""
     records: list[dict[str, Any]] = []
-    for row in read_chunk(chunk, max_row_bytes=p["max_row_bytes"]):
+    box: list = []
+    for row in _returned(read_chunk(chunk, max_row_bytes=p["max_row_bytes"]), box):
         number = int(row.get("row_number", 0))
         pku, reasons = check_row(row, p["schema"])
         split = chunk.split
@@ -212,16 +237,18 @@ def process_chunk(chunk: Chunk, p: dict[str, Any]) -> Iterator[pa.Table]:
             rec.update(status="ok", dup=_dup_key(pku), pku=pku)
         records.append(rec)
         if len(records) >= BATCH:
-            yield _build_batch(records, p)
+            yield _build_batch(records, p, seq)
             records = []
+    if chunk.fmt == "jsonl" and chunk.end >= 0:  # a byte range: the next one starts after its lines
+        records.append({"pair_id": -1, "file_index": chunk.file_index, "row_number": box[0], "split": chunk.split,
+                        "status": LINES})
     if records:
-        yield _build_batch(records, p)
+        yield _build_batch(records, p, seq)
 
 
 def _process_batch(batch: dict[str, np.ndarray], p: dict[str, Any]) -> Iterator[pa.Table]:
-    for spec in batch["chunk"]:
-        d = json.loads(spec)
-        yield from process_chunk(Chunk(**d), p)
+    for spec, seq in zip(batch["chunk"], batch["seq"]):
+        yield from process_chunk(Chunk(**json.loads(spec)), p, int(seq))
 
 
 # --------------------------------------------------------------------------- the driver's side
@@ -250,6 +277,42 @@ class SplitWriter:
         if self._writer is None:  # an empty split is still a valid (empty) file
             self._writer = pa.ipc.new_file(str(self.path), PAIR_SCHEMA)
         self._writer.close()
+
+
+class RowNumbers:
+    """Row numbers of .jsonl byte ranges, made whole on the driver. A range whose first line
+    number is unknown numbers its rows from its own start and ends with a LINES row giving its
+    newlines; ranges arrive in order (preserve_order), so the lines before each range are known
+    when its rows arrive: no pass over the files to count newlines before reading them."""
+
+    def __init__(self, chunks: list[Chunk]):
+        self.chunks = chunks
+        self.lines_at: dict[int, int] = {i: c.lines_before for i, c in enumerate(chunks) if c.lines_before >= 0}
+
+    def apply(self, t: pa.Table) -> pa.Table:
+        """`t` with absolute row numbers and pair ids, without its LINES rows."""
+        import pyarrow.compute as pc
+
+        seq = t.column("chunk_seq").to_numpy()
+        lines = pc.equal(t.column("status"), LINES).to_numpy(zero_copy_only=False)
+        for i in np.flatnonzero(lines):  # in order: each gives the next range its start
+            s = int(seq[i])
+            nxt = self.chunks[s + 1] if s + 1 < len(self.chunks) else None
+            if nxt is not None and nxt.lines_before < 0 and nxt.uri == self.chunks[s].uri:
+                self.lines_at[s + 1] = self.lines_at[s] + int(t.column("row_number")[i].as_py())
+        if lines.any():
+            t = t.filter(pa.array(~lines))
+            seq = seq[~lines]
+        relative = [s for s in np.unique(seq) if self.chunks[s].lines_before < 0]
+        if not relative:
+            return t
+        offset = np.zeros(len(seq), dtype=np.int64)
+        for s in relative:
+            offset[seq == s] = self.lines_at[int(s)]
+        for name in ("row_number", "pair_id"):  # pair_id: file_index << ROW_BITS | row_number
+            t = t.set_column(t.schema.get_field_index(name), name,
+                             pa.array(t.column(name).to_numpy() + offset, pa.int64()))
+        return t
 
 
 class Tally:
@@ -343,8 +406,8 @@ class Progress:
 
 
 def free_cpus(wait_s: float = 1.0) -> float:
-    """The CPUs free now, as a limit for the whole preparation. Tasks that have just returned (the
-    newline counting of `number_chunks`, right before) keep their workers' leases for a moment:
+    """The CPUs free now, as a limit for the whole preparation. Tasks that have just returned (a
+    pass over the files right before, as a newline count once was) keep their workers' leases for a moment:
     measured here, 0 or 2 of 4 CPUs free for 0.1 s, and a limit read then ran the whole
     preparation one task at a time. So: the most seen within `wait_s` (at once when all are free)."""
     import ray
@@ -377,24 +440,28 @@ def run_pipeline(chunks: list[Chunk], names: list[str], out_dir, params: dict[st
     from safedpo_ray.ray_env import parallel_cpus
 
     ctx.execution_options.resource_limits = ExecutionResources(cpu=parallel_cpus(free_cpus()))
-    specs = [{"chunk": json.dumps(asdict(c))} for c in chunks]
+    specs = [{"chunk": json.dumps(asdict(c)), "seq": i} for i, c in enumerate(chunks)]
     ds = ray.data.from_items(specs, override_num_blocks=len(specs))
     ds = ds.map_batches(_process_batch, batch_size=1, batch_format="numpy", fn_kwargs={"p": params},
                         num_cpus=1)  # Ray Data's default strategy, SPREAD: every node of a cluster reads
-    if max_rows:
-        ds = ds.limit(max_rows)
+    numbers = RowNumbers(chunks)
     tally = Tally({"train": params["mode"], "eval": "safedpo"}, params.get("drop_duplicates", False))
     writers = {s: SplitWriter(out_dir / f"{s}.arrow") for s in ("train", "eval")}
     bar = Progress(enabled=progress)
     with (out_dir / "quarantine.jsonl").open("w") as q:
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+                batch = numbers.apply(batch)
+                if max_rows and tally.rows + batch.num_rows >= max_rows:  # the first max_rows rows read
+                    batch = batch.slice(0, max_rows - tally.rows)
                 pairs, bad = tally.add(batch, names)
                 for split, table in pairs.items():
                     writers[split].write(table)
                 for entry in bad:
                     q.write(json.dumps(entry, default=str) + "\n")
                 bar.update(tally)
+                if max_rows and tally.rows >= max_rows:
+                    break
         except Exception as exc:
             raise _user_cause(exc) from None
     for w in writers.values():

@@ -1,10 +1,12 @@
-"""Prompt formatting, pair tokenization and collation for SafeDPO (pure functions, no Ray)."""
+"""Prompt formatting, pair tokenization and collation for SafeDPO (pure functions, no Ray; torch only
+for collation, so data tasks that tokenize do not import it)."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 PKU_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
 
@@ -32,6 +34,8 @@ def _as_list(values: Any) -> list:
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     if not texts:
         return []
+    if hasattr(tokenizer, "encode_texts"):  # data/task_tokenizer.py: the Rust backend alone
+        return tokenizer.encode_texts(texts)
     return [list(map(int, ids)) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
@@ -111,7 +115,7 @@ def collate_pairs(
     pad_to_multiple_of: int | None = None,
     layout: str = "padded",
     row_capacity: int | None = None,
-) -> dict[str, torch.Tensor]:
+) -> dict[str, "torch.Tensor"]:
     """A micro-batch of B pairs as model input: sequences 0..B-1 are prompt+chosen, B..2B-1
     prompt+rejected, laid out `padded`, `packed` or `shared` (data/packing.py).
 
@@ -121,6 +125,8 @@ def collate_pairs(
     `attention_mask_4d`. Plus `chosen_unsafe`/`rejected_unsafe` float [B] tensors when those
     columns exist. Accepts row dicts or a columnar dict (lists/numpy arrays).
     """
+    import torch
+
     from safedpo_ray.data.packing import layout_pairs
 
     cols = _rows_to_columns(rows)

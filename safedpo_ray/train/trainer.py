@@ -68,7 +68,7 @@ def plan_data(cfg: Config) -> DataPlan:
     """Resolve the sources into chunks and check their files (no Ray: a bad source is reported
     before a cluster is touched)."""
     chunks, names, identity = config_chunks(cfg.data, seed=cfg.train.seed, chunk_bytes=cfg.data.chunk_mb * 2**20,
-                                            count=False,  # numbered by Ray tasks if prepared anew
+                                            count=False,  # numbered as their rows arrive (stream.RowNumbers)
                                             min_tasks=4 * (os.cpu_count() or 1))  # small files: every CPU reads
     precheck(chunks, names, cfg.data.schema)
     return DataPlan(chunks, names, identity)
@@ -177,10 +177,35 @@ def tiny_model(cfg: Config, out: Path, texts: list[str]) -> Path:
     return out
 
 
+@dataclass
+class ModelReady:
+    path: str  # what workers load (resolve_model)
+    tokenizer_spec: dict | None  # data/task_tokenizer.py; None: tasks load the transformers tokenizer
+
+
+def task_tokenizer_spec(cfg: Config, plan: DataPlan, path: str, texts) -> dict | None:
+    """The Rust-backend spec for preparation's tasks, checked on the data's first texts; None when
+    the pairs are prepared already or the backend alone is not exact (or cannot be checked here:
+    the tasks then load the tokenizer as before and report any error themselves)."""
+    from safedpo_ray.data.prepared import is_prepared
+
+    try:
+        if is_prepared(cfg, plan.identity, path):
+            return None
+        from safedpo_ray.data.task_tokenizer import backend_spec
+        from safedpo_ray.models import load_tokenizer
+
+        sample = texts[:192] if isinstance(texts, list) else sample_texts(plan.chunks, cfg.data.schema, limit=64)
+        return backend_spec(load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code), sample)
+    except Exception:  # noqa: BLE001  (an optimisation only)
+        return None
+
+
 def start_model(cfg: Config, run_dir: Path, plan: DataPlan):
     """`resolve_model` in a thread, started before Ray: building the tiny preset (tokenizer
     training, torch's import) or converting a GGUF file takes seconds that a local `ray.init`
-    spends waiting for its processes. Returns a future; `.result()` re-raises its error."""
+    spends waiting for its processes; so does loading the tokenizer for `task_tokenizer_spec`.
+    Returns a future of a `ModelReady`; `.result()` re-raises its error."""
     import threading
     from concurrent.futures import Future
 
@@ -193,7 +218,8 @@ def start_model(cfg: Config, run_dir: Path, plan: DataPlan):
 
     def run() -> None:
         try:
-            future.set_result(resolve_model(cfg, run_dir, texts))
+            path = resolve_model(cfg, run_dir, texts)
+            future.set_result(ModelReady(path, task_tokenizer_spec(cfg, plan, path, texts)))
         except BaseException as exc:  # noqa: BLE001  (re-raised by .result() in the caller)
             future.set_exception(exc)
 
@@ -211,9 +237,13 @@ def prepare(cfg: Config, run_dir: Path, plan: DataPlan | None = None, *, dashboa
     run_dir.mkdir(parents=True, exist_ok=True)
     plan = plan or plan_data(cfg)
     model = model or start_model(cfg, run_dir, plan)
+    preload = preload_modules(("ray.data",))  # ~0.8 s, imported while Ray starts
     ensure_ray(cfg.run, dashboard=dashboard)  # while the model is resolved
-    model_path = model.result()
-    data = prepare_data(cfg, chunks=plan.chunks, names=plan.names, identity=plan.identity, tokenizer_path=model_path)
+    preload.join()
+    ready = model.result()
+    model_path = ready.path
+    data = prepare_data(cfg, chunks=plan.chunks, names=plan.names, identity=plan.identity, tokenizer_path=model_path,
+                        tokenizer_spec=ready.tokenizer_spec)
     quarantined = copy_run_files(data, run_dir)
     print(f"[safedpo] {data.describe()}", flush=True)
     if quarantined:
