@@ -8,6 +8,8 @@ For each size: PKU-shaped rows are written to a .jsonl file (the real rows of
 synthetic generator otherwise); then, each as its own command, as a user runs them:
   * `safedpo-ray prepare`  (streaming Ray Data pass into the prepared-pairs cache)
   * `safedpo-ray train train.max_steps=N` on the prepared pairs (the cache is reused)
+  * `safedpo-ray train train.max_steps=N` on the raw rows in a fresh output directory: one
+    command that prepares and trains, what a user runs first (compared with TRL's empty cache)
   * TRL's DPOTrainer on the same pairs after T, same tokenizer and tiny model (when trl is
     installed: `pip install -e .[bench]`)
 Peak memory is sampled every --mem-period s (1 s) over the whole process tree of the command (Ray's processes
@@ -122,7 +124,9 @@ def run(cmd: list[str], *, first_step_file: Path | None = None, log: Path, env: 
 
 def tokenizer_rate(model_dir: str, data: Path, rows: int = 20000, max_length: int = 512,
                    kept_only: bool = False) -> float:
-    """Rows/s of the tokenizer alone on the first `rows` rows (one process, the same template).
+    """Rows/s of the tokenizer alone on the first `rows` rows (one process, the same template):
+    transformers' tokenizer as training loads it (preparation's tasks call its Rust backend
+    directly when that gives the same ids, data/task_tokenizer.py; this yardstick does not).
 
     The yardstick of the table tokenizes both responses of every row. Preparation tokenizes only
     the pairs T keeps (SafeDPO's T drops the rows whose responses are both unsafe: 37% of the rows
@@ -222,8 +226,16 @@ def main() -> None:
         tok_kept_rate = tokenizer_rate(model_dir, data, kept_only=True)
         train = run([exe, "train", *common, "run.name=train", f"train.max_steps={args.steps}"],
                     first_step_file=out / "train" / "metrics.jsonl", log=work / f"train_{n}.log")
+        # One command on the raw rows, as a user runs it: its own output directory, so nothing is
+        # prepared or built yet (what TRL with an empty cache does below).
+        raw_out = work / f"out_{n}_raw"
+        shutil.rmtree(raw_out, ignore_errors=True)
+        raw = run([exe, "train", *common[:1], f"run.output_dir={raw_out}", *common[2:], "run.name=train",
+                   f"train.max_steps={args.steps}"],
+                  first_step_file=raw_out / "train" / "metrics.jsonl", log=work / f"train_raw_{n}.log")
         row = {"rows": n, "data": kind, "prepare": prep, "prepare_rows_per_s": rows_read / prep["wall_s"],
-               "tokenizer_rows_per_s": tok_rate, "tokenizer_kept_pairs_rows_per_s": tok_kept_rate, "train": train}
+               "tokenizer_rows_per_s": tok_rate, "tokenizer_kept_pairs_rows_per_s": tok_kept_rate, "train": train,
+               "train_raw": raw}
         if have_trl:
             script = work / "trl_dpo.py"
             script.write_text(TRL_SCRIPT)
@@ -263,16 +275,19 @@ def table(results: list[dict]) -> str:
                 lines.append(f"| {r['rows']:,} | {k:,.0f} | {r['prepare_rows_per_s'] / k:.2f} |")
     if any("trl" in r for r in results):
         nan = float("nan")
-        lines += ["", "| rows | TRL first step, empty `datasets` cache | ours: prepare + first step of train | "
-                  "TRL / ours | TRL first step, warm cache | ours: first step on prepared pairs | TRL / ours | "
-                  "TRL peak PSS |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| rows | TRL first step, empty `datasets` cache | ours: `train` on the raw rows, first step | "
+                  "TRL / ours | ours: prepare, then train | TRL first step, warm cache | ours: first step on "
+                  "prepared pairs | TRL / ours | TRL peak PSS | ours: `train` on the raw rows, peak PSS |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in results:
             if "trl" in r:
                 cold, warm, t = r["trl"]["first_step_s"] or nan, (r.get("trl_warm") or {}).get("first_step_s") or nan, \
                     r["train"]["first_step_s"] or nan
-                ours_cold = r["prepare"]["wall_s"] + t
-                lines.append(f"| {r['rows']:,} | {cold:.0f} s | {ours_cold:.0f} s | {cold / ours_cold:.2f}× | "
-                             f"{warm:.0f} s | {t:.0f} s | {warm / t:.2f}× | {r['trl']['peak_pss_gb']:.2f} GB |")
+                raw = r.get("train_raw") or {}
+                one = raw.get("first_step_s") or nan
+                lines.append(f"| {r['rows']:,} | {cold:.0f} s | {one:.0f} s | {cold / one:.2f}× | "
+                             f"{r['prepare']['wall_s'] + t:.0f} s | {warm:.0f} s | {t:.0f} s | {warm / t:.2f}× | "
+                             f"{r['trl']['peak_pss_gb']:.2f} GB | {raw.get('peak_pss_gb', nan):.2f} GB |")
     return "\n".join(lines)
 
 

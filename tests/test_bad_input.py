@@ -30,7 +30,8 @@ from safedpo_ray.data.files import BOM, SourceError
 from safedpo_ray.data.prepared import check_pairs, precheck, sample_texts
 from safedpo_ray.data.schema import PKU_FIELDS, to_pku
 from safedpo_ray.data.sources import chunks_for, prompt_in_eval
-from safedpo_ray.data.stream import PAIR_COLUMNS, DataError, RowNumbers, Tally, _tokenizer, pair_id, process_chunk
+from safedpo_ray.data.stream import (PAIR_COLUMNS, DataError, RowNumbers, Tally, _tokenizer, pair_id, process_chunk,
+                                     row_location)
 from safedpo_ray.data.tokenize import tokenize_pairs
 from safedpo_ray.data.transform import transform_with_outcome
 from safedpo_ray.models import build_tiny_model
@@ -525,6 +526,31 @@ def test_prepare_through_ray_in_many_chunks_matches_row_by_row(ray_local, tok, t
         table = pa.ipc.open_file(prepared.data.split(split)).read_all()
         assert table.to_pylist() == want_pairs[split]  # every good row's pair, its ids, in file order
     assert stats["train"]["rows_read"] + stats["eval"]["rows_read"] == 24
+
+
+def test_max_rows_keeps_the_first_rows_read_across_byte_ranges(ray_local, tok, tmp_path):
+    """data.max_rows: the first N rows in file order (quarantined ones count as read), whichever
+    byte range they are in; the ranges' row numbers still come out whole (RowNumbers)."""
+    from safedpo_ray.train.trainer import DataPlan, prepare
+
+    raw, bad = messy_rows()
+    path = tmp_path / "messy.jsonl"
+    path.write_bytes(raw)
+    chunks, names, identity = chunks_for(str(path), chunk_bytes=2500, count=False)
+    want_stats, want_pairs, want_q, _ = local_pipeline(str(path), params(tok, eval_fraction=0.0))
+    for max_rows in (5, 17):
+        cfg = load_config(None, [f"data.source={path}", "data.eval_fraction=0", f"data.max_row_bytes={MAX_ROW_BYTES}",
+                                 "data.drop_duplicates=true", f"data.max_rows={max_rows}",
+                                 f"data.max_length={MAX_LENGTH}", f"data.max_prompt_length={MAX_PROMPT}",
+                                 f"model.name_or_path={tok}", f"run.output_dir={tmp_path}", f"run.name=m{max_rows}"])
+        prepared = prepare(cfg, tmp_path / f"m{max_rows}", DataPlan(chunks, names, identity))
+        stats = prepared.stats["train"]
+        assert stats["rows_read"] == max_rows
+        quarantine = [json.loads(x) for x in (tmp_path / f"m{max_rows}" / "quarantine.jsonl").open()] \
+            if stats["rows_quarantined"] else []
+        assert [q["row_number"] for q in quarantine] == [n for n in sorted(bad) if n <= max_rows]
+        table = pa.ipc.open_file(prepared.data.split("train")).read_all()
+        assert table.to_pylist() == [r for r in want_pairs["train"] if row_location(r["pair_id"])[1] <= max_rows]
 
 
 def test_prepare_without_held_out_pairs_and_t_discarding_everything(ray_local, tok, tmp_path, capsys):

@@ -54,7 +54,7 @@ _OUT_SCHEMA = pa.schema([
     ("node", pa.string()),  # the Ray node that read the row (reads spread over a cluster's nodes)
     ("chunk_seq", pa.int32()),  # the chunk's place in the run's chunk list (RowNumbers)
 ])
-LINES = "lines"  # status of the row ending a byte range of unknown start line: row_number = its newlines
+LINES = "lines"  # status of the row ending a .jsonl byte range: row_number = the newlines in the range
 
 
 class DataError(UserError):
@@ -280,10 +280,11 @@ class SplitWriter:
 
 
 class RowNumbers:
-    """Row numbers of .jsonl byte ranges, made whole on the driver. A range whose first line
-    number is unknown numbers its rows from its own start and ends with a LINES row giving its
-    newlines; ranges arrive in order (preserve_order), so the lines before each range are known
-    when its rows arrive: no pass over the files to count newlines before reading them."""
+    """Row numbers of .jsonl byte ranges, made whole on the driver. Every range ends with a LINES
+    row giving its newlines; one whose first line number is unknown (planned with count=False)
+    numbers its rows from its own start. Ranges arrive in order (preserve_order), so the lines
+    before each range are known when its rows arrive: no pass over the files to count newlines
+    before reading them."""
 
     def __init__(self, chunks: list[Chunk]):
         self.chunks = chunks
@@ -294,9 +295,10 @@ class RowNumbers:
         import pyarrow.compute as pc
 
         seq = t.column("chunk_seq").to_numpy()
-        lines = pc.equal(t.column("status"), LINES).to_numpy(zero_copy_only=False)
+        lines = pc.fill_null(pc.equal(t.column("status"), LINES), False).to_numpy(zero_copy_only=False)
         for i in np.flatnonzero(lines):  # in order: each gives the next range its start
             s = int(seq[i])
+            assert s in self.lines_at, f"rows of byte range {s} came before the ranges ahead of it"
             nxt = self.chunks[s + 1] if s + 1 < len(self.chunks) else None
             if nxt is not None and nxt.lines_before < 0 and nxt.uri == self.chunks[s].uri:
                 self.lines_at[s + 1] = self.lines_at[s] + int(t.column("row_number")[i].as_py())
