@@ -286,9 +286,9 @@ class Session:
     def finish(self, failed: bool = False) -> None:
         if self.owns_ray:  # the command that started Ray stops it, while its output still comes here
             try:
-                import ray
+                from safedpo_ray.ray_env import shutdown
 
-                ray.shutdown()
+                shutdown()
             except Exception:  # pragma: no cover
                 pass
         for undo in reversed(self.undo):

@@ -77,6 +77,25 @@ def ensure_ray(run: RunConfig, *, dashboard: bool = True) -> None:
 _local_cores: int | None = None  # set when this process started a local Ray
 
 
+def shutdown() -> None:
+    """`ray.shutdown()`, after SIGKILLing the autoscaler monitor of a Ray this process started:
+    on SIGTERM the monitor sleeps out its update interval and Ray waits 1 s for it before killing
+    it anyway (measured here: 1.5 s at the end of every command, 0.45 s with this). A cluster we
+    only connected to is left to `ray.shutdown`, which disconnects."""
+    import ray
+
+    try:
+        from ray._private import ray_constants, worker
+
+        node = worker._global_node
+        if node is not None and node.is_head():
+            node._kill_process_type(ray_constants.PROCESS_TYPE_MONITOR, check_alive=False, allow_graceful=False,
+                                    wait=False)
+    except Exception:  # noqa: BLE001  (Ray's internals moved: plain ray.shutdown)
+        pass
+    ray.shutdown()
+
+
 def parallel_cpus(free: float) -> int:
     """How many 1-CPU tasks may run at once for CPU-bound work (data preparation): the CPUs free
     now, but on a local Ray (whose logical CPUs outnumber the cores, see `ensure_ray`) no more

@@ -10,6 +10,7 @@ import filecmp
 import json
 import logging
 import math
+import os
 import subprocess
 import sys
 import time
@@ -191,3 +192,33 @@ def test_late_imported_libraries_log_to_the_file(tmp_path, module, logger):
     assert "ROUTED-TO-FILE" not in done.stderr + done.stdout, done.stderr
     assert f"WARNING {logger}: ROUTED-TO-FILE" in log.read_text()
 
+
+
+SHUTDOWN = r"""
+import subprocess
+import ray
+from safedpo_ray.config import RunConfig
+from safedpo_ray import ray_env
+ray_env.ensure_ray(RunConfig(), dashboard=False)
+monitor = ray._private.worker._global_node.all_processes["monitor"][0].process
+real = ray.shutdown
+seen = {}
+def shutdown():
+    try:
+        seen["monitor"] = monitor.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        seen["monitor"] = None
+    real()
+ray.shutdown = shutdown
+ray_env.shutdown()
+print(seen["monitor"], ray.is_initialized())
+"""
+
+
+def test_a_local_ray_stops_without_waiting_for_its_autoscaler_monitor():
+    """Ray gives its monitor 1 s to exit on SIGTERM, which it sleeps through: ray_env.shutdown
+    kills it first (SIGKILL), then ray.shutdown stops the rest."""
+    done = subprocess.run([sys.executable, "-c", SHUTDOWN], capture_output=True, text=True, timeout=180,
+                          env={k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "-9 False", done.stdout

@@ -229,7 +229,9 @@ def shutdown_ray(started_here: bool, *, timeout_s: float = 15.0) -> None:
         return
     if ray.is_initialized():
         try:
-            ray.shutdown()
+            from safedpo_ray.ray_env import shutdown
+
+            shutdown()
         except Exception as exc:  # keep going: the processes are stopped below
             print(f"[safedpo] warning: ray.shutdown failed: {exc}", flush=True)
     killed = stop_descendants(timeout_s)

@@ -211,7 +211,9 @@ def _with_ray(fn):
             return fn(*args, **kwargs)
         finally:
             if started and ray.is_initialized():
-                ray.shutdown()
+                from safedpo_ray.ray_env import shutdown
+
+                shutdown()
     return wrapped
 
 
