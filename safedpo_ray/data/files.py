@@ -24,7 +24,7 @@ import re
 import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from safedpo_ray.errors import UserError
 
@@ -199,9 +199,9 @@ def _parquet_chunks(index: int, sf: SourceFile, split: str) -> list[Chunk]:
 
 
 def plan_chunks(files: list[SourceFile], *, split: str = "hash", chunk_bytes: int = 64 * 2**20,
-                first_index: int = 0, mapper: Callable = map, count: bool = True) -> list[Chunk]:
+                first_index: int = 0, count: bool = True) -> list[Chunk]:
     """Chunks of `files`. A large uncompressed .jsonl file is cut into byte ranges; the newlines
-    before each range (for row numbers) are counted through `mapper`, or, with count=False, not
+    before each range (for row numbers) are counted here (`number_chunks`), or, with count=False, not
     at all: the preparation pipeline numbers the rows of such ranges as they arrive
     (`stream.RowNumbers`), with no pass over the files before reading them."""
     chunks: list[Chunk] = []
@@ -214,17 +214,17 @@ def plan_chunks(files: list[SourceFile], *, split: str = "hash", chunk_bytes: in
                                     first_row=0, lines_before=0 if start == 0 else -1, split=split))
         else:
             chunks.append(Chunk(i, sf.uri, sf.fmt, compressed=sf.compressed, split=split))
-    return number_chunks(chunks, mapper=mapper) if count else chunks
+    return number_chunks(chunks) if count else chunks
 
 
-def number_chunks(chunks: list[Chunk], *, mapper: Callable = map) -> list[Chunk]:
-    """Fill in `lines_before` of byte-range chunks (newlines counted through `mapper`)."""
+def number_chunks(chunks: list[Chunk]) -> list[Chunk]:
+    """Fill in `lines_before` of byte-range chunks (their newlines counted in this process)."""
     ranges = [c for c in chunks if c.fmt == "jsonl" and c.end >= 0]
     pending = [c for c in ranges if c.lines_before < 0]
     if not pending:
         return chunks
     counts = dict(zip([(c.uri, c.start) for c in ranges],
-                      mapper(lambda c: count_newlines(c.uri, c.start, c.end), ranges)))
+                      (count_newlines(c.uri, c.start, c.end) for c in ranges)))
     before: dict[str, int] = {}
     out = []
     for c in chunks:

@@ -23,7 +23,7 @@ from safedpo_ray.data.files import (  # noqa: F401  (re-exported: the names call
 
 
 def chunks_for(source: str, *, split: str = "train", chunk_split: str = "hash", subset: str | None = None,
-               synthetic_prompts: int = 240, seed: int = 0, first_index: int = 0, mapper=map,
+               synthetic_prompts: int = 240, seed: int = 0, first_index: int = 0,
                chunk_bytes: int = 64 * 2**20, count: bool = True,
                min_tasks: int = 1) -> tuple[list[Chunk], list[str], list[str]]:
     """Read chunks of one source, the names of its files (indexed by `Chunk.file_index`) and
@@ -49,12 +49,12 @@ def chunks_for(source: str, *, split: str = "train", chunk_split: str = "hash", 
     if min_tasks > 1:  # small inputs still spread over every CPU: smaller byte ranges
         total = sum(f.size for f in files if f.fmt == "jsonl" and not f.compressed)
         chunk_bytes = max(4 * 2**20, min(chunk_bytes, -(-total // min_tasks)))
-    chunks = plan_chunks(files, split=chunk_split, first_index=first_index, mapper=mapper, chunk_bytes=chunk_bytes,
+    chunks = plan_chunks(files, split=chunk_split, first_index=first_index, chunk_bytes=chunk_bytes,
                          count=count)
     return chunks, [f.uri for f in files], [f"{f.uri}:{f.size}:{f.mtime_ns}" for f in files]
 
 
-def config_chunks(cfg, seed: int, mapper=map, chunk_bytes: int = 64 * 2**20,
+def config_chunks(cfg, seed: int, chunk_bytes: int = 64 * 2**20,
                   count: bool = True, min_tasks: int = 1) -> tuple[list[Chunk], list[str], list[str]]:
     """Chunks of the training source and of the held-out data a `DataConfig` asks for, with the
     names and identities of their files. count=False: byte ranges of large .jsonl files are not
@@ -62,7 +62,7 @@ def config_chunks(cfg, seed: int, mapper=map, chunk_bytes: int = 64 * 2**20,
     chunks, names, identity = [], [], []
 
     def add(source: str, **kw) -> None:
-        c, n, i = chunks_for(source, first_index=len(names), mapper=mapper, seed=seed, chunk_bytes=chunk_bytes,
+        c, n, i = chunks_for(source, first_index=len(names), seed=seed, chunk_bytes=chunk_bytes,
                              count=count, min_tasks=min_tasks, **kw)
         chunks.extend(c)
         names.extend(n)
