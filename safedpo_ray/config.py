@@ -193,6 +193,11 @@ class RunConfig:
     """Ray cluster address (None: RAY_ADDRESS or a local Ray)."""
     local_num_cpus: int | None = None
     """Logical CPUs for a local Ray (default: enough for the workers plus Ray Data tasks)."""
+    start_workers_early: bool = True
+    """`train` on pairs not prepared yet: start the training workers (model load, process group)
+    while Ray Data prepares the pairs; they wait for the prepared files. Used when no reference
+    pass must run between the two (see train.cache_reference) and the cluster has CPUs beyond the
+    workers' for preparation. False: prepare first, then start the workers."""
     max_failures: int = 0
     """Worker-group restarts Ray Train may attempt (each resumes from the last checkpoint)."""
     stop_timeout_s: float = 120.0

@@ -100,6 +100,7 @@ class DriverSignals:
         self.marker_written = False
         self.fit_done: threading.Event | None = None  # set when the fit() thread has returned
         self.trained = False  # fit() has returned
+        self.waiting_for_pairs: Callable[[], bool] | None = None  # workers started before the pairs
 
     @property
     def run_name(self) -> str | None:
@@ -126,8 +127,12 @@ class DriverSignals:
         if not self.marker_written:
             self.marker_written = True
             write_marker(self.marker, self.signum)
-            print(f"[safedpo] {signal_name(self.signum)} received: saving a checkpoint after this step, then "
-                  f"stopping (at most {self.stop_timeout_s:g} s; send it again to stop at once)", flush=True)
+            if self.waiting_for_pairs is not None and self.waiting_for_pairs():
+                print(f"[safedpo] {signal_name(self.signum)} received while the pairs are prepared: stopping the "
+                      "workers, nothing to save yet", flush=True)
+            else:
+                print(f"[safedpo] {signal_name(self.signum)} received: saving a checkpoint after this step, then "
+                      f"stopping (at most {self.stop_timeout_s:g} s; send it again to stop at once)", flush=True)
         if time.monotonic() - (self.requested_at or 0) > self.stop_timeout_s:
             raise Interrupted(f"the run did not stop within run.stop_timeout_s={self.stop_timeout_s:g} s of "
                               f"{signal_name(self.signum)}: stopped at once; {resume_hint(self.run_name)} "
@@ -347,6 +352,23 @@ def raise_if_stopped(summary: dict[str, Any], run_name: str | None) -> None:
         return
     raise Stopped(f"stopped by {signal_name(guard.signum)} after step {summary.get('last_step')} with a "
                   f"checkpoint; {resume_hint(run_name)}", guard.signum)
+
+
+def waiting_for_pairs(pending: Callable[[], bool]) -> None:
+    """The workers start before their pairs are prepared (trainer.train_while_preparing):
+    `pending()` says whether they still wait, for what a signal meanwhile says."""
+    if _active is not None:
+        _active.waiting_for_pairs = pending
+
+
+def raise_if_signalled(run_name: str | None) -> None:
+    """After fit(), when the workers stopped before training (they waited for pairs): a signal
+    meanwhile ends the command with 128 + signal."""
+    guard = _active
+    if guard is None or guard.signum is None:
+        return
+    raise Stopped(f"{signal_name(guard.signum)} received before training started: stopped, nothing to save; "
+                  f"{resume_hint(run_name)}", guard.signum)
 
 
 def explain(run_name: str | None, error: BaseException) -> UserError | None:

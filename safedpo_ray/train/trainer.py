@@ -325,28 +325,145 @@ def train(cfg: Config) -> dict[str, Any]:
     preempt.rearm()  # ray.init replaced our SIGTERM/SIGINT handlers (train/preempt.py)
     _check_resources(cfg)
     run_storage.check_cluster_storage(cfg.run)  # several nodes: outputs need shared storage
-    prepared = prepare(cfg, run_dir, plan, model=model)
     root = run_storage.run_root(cfg.run, cfg.run.name)
+    if overlaps_preparation(cfg, plan, model.result().path):
+        return train_while_preparing(cfg, run_dir, plan, model, storage=storage, started=t0, root=root)
+    prepared = prepare(cfg, run_dir, plan, model=model)
     prepared.model_path = run_storage.publish_driver_files(root, run_dir, prepared.model_path)
     attach_reference(cfg, prepared)
     return fit(cfg, run_dir, prepared, storage=storage, started=t0, root=root)
 
 
-def fit(cfg: Config, run_dir: Path, prepared: Prepared, *, storage: str, started: float,
-        callbacks: list | None = None, root: str | None = None) -> dict[str, Any]:
+def estimated_rows(plan: DataPlan, sample_bytes: int = 1 << 16) -> float | None:
+    """The training rows in the sources (held-out files aside), estimated before any is read:
+    synthetic ones exactly, uncompressed .jsonl from their bytes and the size of the first file's
+    first rows; None for other formats."""
+    chunks = [c for c in plan.chunks if c.split != "eval"]
+    if not chunks:
+        return None
+    synthetic = sum(int(c.options.get("prompts", 0)) for c in chunks if c.fmt == "synthetic")
+    files = [c for c in chunks if c.fmt != "synthetic"]
+    if not files:
+        return float(synthetic)
+    if any(c.fmt != "jsonl" or c.compressed for c in files):
+        return None
+    try:
+        sizes: dict[str, int] = {}
+        total = 0
+        for c in files:
+            if c.end >= 0:
+                total += c.end - max(c.start, 0)
+                continue
+            if c.uri not in sizes:
+                fs, path = run_storage.resolve(c.uri)
+                sizes[c.uri] = fs.get_file_info(path).size or 0
+            total += sizes[c.uri]
+        fs, path = run_storage.resolve(files[0].uri)
+        with fs.open_input_stream(path) as f:
+            head = f.read(sample_bytes)
+    except Exception:  # noqa: BLE001  (an estimate only)
+        return None
+    rows, used = head.count(b"\n"), head.rfind(b"\n") + 1  # whole rows in the sample, and their bytes
+    if not rows:
+        return synthetic + 1.0 if head and len(head) < sample_bytes else None  # one row without a newline
+    return synthetic + total * rows / used
+
+
+def reference_pass_expected(cfg: Config, plan: DataPlan) -> bool:
+    """Whether `attach_reference` would run a reference pass over the prepared pairs, judged
+    before they exist: a run of max_steps that trains on less than a quarter of the rows in the
+    sources computes its reference log-probs live."""
+    if not cfg.train.cache_reference or not uses_reference(cfg.train.loss):
+        return False
+    if not cfg.train.max_steps:
+        return True
+    rows = estimated_rows(plan)
+    return rows is None or 4 * cfg.train.max_steps * cfg.train.global_batch_size > rows
+
+
+def overlaps_preparation(cfg: Config, plan: DataPlan, model_path: str) -> bool:
+    """Whether `train` starts the workers while the pairs are prepared (run.start_workers_early):
+    the pairs are not prepared yet, no reference pass must come between (it needs the prepared
+    pairs, and the CPUs or GPUs the workers would hold), and the cluster has a CPU beyond the
+    workers' for Ray Data (else the workers would wait for pairs that never come)."""
+    import ray
+
+    from safedpo_ray.data.prepared import is_prepared
+
+    if not cfg.run.start_workers_early or reference_pass_expected(cfg, plan):
+        return False
+    if is_prepared(cfg, plan.identity, model_path):
+        return False
+    spare = ray.cluster_resources().get("CPU", 0) - cfg.run.num_workers * cfg.run.cpus_per_worker
+    return spare >= 1
+
+
+def train_while_preparing(cfg: Config, run_dir: Path, plan: DataPlan, model, *, storage: str, started: float,
+                          root: str) -> dict[str, Any]:
+    """`fit` with the workers starting at once and the pairs prepared in a thread meanwhile: the
+    workers load the model, then wait for the prepared files (train/handoff.py). A preparation
+    error reaches the workers (they stop) and is raised here."""
+    import threading
+    from concurrent.futures import Future
+
+    from safedpo_ray.train import handoff
+
+    model_path = run_storage.publish_driver_files(root, run_dir, model.result().path)
+    handoff.withdraw(root)
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            prepared = prepare(cfg, run_dir, plan, model=model)
+            prepared.model_path = model_path
+            if run_storage.is_remote(root):  # what preparation wrote into the run directory
+                for name in ("data_stats.json", "quarantine.jsonl"):
+                    if (run_dir / name).exists():
+                        run_storage.upload(run_dir / name, run_storage.join(root, name))
+            handoff.announce(root, pairs=prepared.pair_files()["pairs"], has_eval=prepared.has_eval)
+            if uses_reference(cfg.train.loss) and cfg.train.cache_reference:
+                print(f"[safedpo] reference log-probs computed live: the workers started while the pairs were "
+                      f"prepared (run.start_workers_early); this run trains on "
+                      f"{cfg.train.max_steps * cfg.train.global_batch_size:,} of "
+                      f"{prepared.stats['train']['pairs']:,} pairs", flush=True)
+            future.set_result(prepared)
+        except BaseException as exc:  # noqa: BLE001  (raised by fit through the future)
+            future.set_exception(exc)
+            try:
+                handoff.announce(root, error=f"preparation failed: {str(exc).splitlines()[0] if str(exc) else exc!r}")
+            except Exception as again:  # noqa: BLE001
+                print(f"[safedpo] warning: could not tell the workers that preparation failed: {again}", flush=True)
+
+    print("[safedpo] training workers start while the pairs are prepared", flush=True)
+    preempt.waiting_for_pairs(lambda: not future.done())
+    threading.Thread(target=run, name="safedpo-prepare", daemon=True).start()
+    return fit(cfg, run_dir, future, storage=storage, started=started, root=root, model_path=model_path)
+
+
+def fit(cfg: Config, run_dir: Path, prepared, *, storage: str, started: float,
+        callbacks: list | None = None, root: str | None = None, model_path: str | None = None) -> dict[str, Any]:
     """Train on prepared pairs with a Ray Train `TorchTrainer`; returns the summary (also written
-    to <run_dir>/summary.json). `callbacks` go to Ray Train (a search passes Tune's reporter)."""
+    to <run_dir>/summary.json). `callbacks` go to Ray Train (a search passes Tune's reporter).
+    `prepared`: a `Prepared`, or the future of one (`train_while_preparing`: the workers wait for
+    the pairs, and `model_path` says what they load)."""
+    from concurrent.futures import Future
+
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from safedpo_ray.train.worker import train_loop
 
-    reference_cached = prepared.reference is not None
+    later = prepared if isinstance(prepared, Future) else None
+    if later is None:
+        model_path, pairs, has_eval = prepared.model_path, prepared.pair_files(), prepared.has_eval
+    else:
+        pairs, has_eval = {"pairs": None, "reference": None}, False  # announced to the workers later
+    reference_cached = later is None and prepared.reference is not None
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": cfg.to_dict(), "model_path": prepared.model_path, "run_dir": str(run_dir),
-                           "has_eval": prepared.has_eval, "reference_cached": reference_cached,
-                           **prepared.pair_files(),  # workers memory-map the prepared files
+        train_loop_config={"config": cfg.to_dict(), "model_path": model_path, "run_dir": str(run_dir),
+                           "has_eval": has_eval, "reference_cached": reference_cached,
+                           **pairs,  # workers memory-map the prepared files
                            "storage_root": root or str(run_dir),  # where rank 0's outputs go
                            "torch_threads": torch_threads(cfg.run)},
         torch_config=TorchConfig(backend="nccl" if cfg.run.use_gpu else "gloo"),
@@ -369,11 +486,17 @@ def fit(cfg: Config, run_dir: Path, prepared: Prepared, *, storage: str, started
     result = preempt.run_fit(lambda: faults.fit(trainer, cfg), root=root or str(run_dir))
     if result.error:
         raise faults.explain(cfg, result.error)
+    if later is not None:
+        if (result.return_value or {}).get("no_pairs"):
+            preempt.raise_if_signalled(cfg.run.name)  # a signal before the pairs were ready
+        prepared = later.result()  # the pairs the workers trained on (or preparation's error)
     root = root or str(run_dir)
     # Rank 0's result as written to the run storage (it may have run on another node).
     summary = {"run_dir": root, "data": prepared.stats, **run_storage.collect_result(root, result.return_value),
                "wall_time_s": round(time.time() - started, 1)}
     summary["driver_node_id"] = run_storage.current_node_id()  # rank 0's is summary["worker_nodes"][0]
+    if later is not None:
+        summary["started_before_pairs"] = True  # the workers started while the pairs were prepared
     if prepared.reference is not None:
         r = prepared.reference
         summary["reference"] = {"key": r.key, "computed": r.computed, "pairs": r.pairs,

@@ -1,8 +1,8 @@
 """`train_loop`: what each Ray Train worker runs. Wires model, data, DeepSpeed and the loss.
 
 Receives everything through its config dict (no globals): {"config": Config.to_dict(),
-"model_path": local model dir, "run_dir": run directory}. Datasets come from
-`ray.train.get_dataset_shard("train" | "eval")`.
+"model_path": local model dir, "run_dir": run directory, "pairs": the prepared split files
+(memory-mapped, train/pairs.py), or None while the driver still prepares them (train/handoff.py)}.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from safedpo_ray.models import (
     reference_logits_context,
 )
 from safedpo_ray.storage import RunOutputs, current_node_id
-from safedpo_ray.train import checkpoints, preempt
+from safedpo_ray.train import checkpoints, handoff, preempt
 from safedpo_ray.train.metrics_log import MetricsLog
 from safedpo_ray.train.pairs import PairTable
 from safedpo_ray.train.sampler import PairSampler
@@ -88,6 +88,8 @@ class Worker:
         elif not self.reference_cached and uses_reference(cfg.train.loss):  # SimPO needs none
             reference = make_reference_copy(model)
         self.logits_note = install_logp_heads(cfg, model, reference)
+        if loop_config.get("pairs") is None:  # the driver prepares them meanwhile: wait (raises NoPairs)
+            loop_config = {**loop_config, **handoff.wait_for_pairs(self.outputs.root, self.any_rank)}
 
         # The prepared splits, memory-mapped (token ids stay in the files' pages), with their
         # cached reference log-probs row for row.
@@ -109,6 +111,10 @@ class Worker:
         self.layout_note = ""
 
     # -- pieces --------------------------------------------------------------------------------
+    def any_rank(self, flag: bool) -> bool:
+        """Whether `flag` holds on any rank (all ranks call this together)."""
+        return bool(self.strategy.all_reduce_sum(torch.tensor([float(flag)], dtype=torch.float64))[0] > 0)
+
     def live_reference_logps(self, batch):
         self.reference_forwards += 1
         if self.reference is not None:
@@ -390,4 +396,8 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     if loop_config.get("torch_threads"):
         torch.set_num_threads(int(loop_config["torch_threads"]))
     quiet_ray_train_reports()
-    return Worker(loop_config).run()
+    try:
+        worker = Worker(loop_config)
+    except handoff.NoPairs as reason:  # the driver says why (its preparation error, or the signal)
+        return {"no_pairs": str(reason), "stopped_early": True, "last_step": 0}
+    return worker.run()

@@ -1,0 +1,195 @@
+"""`train` on pairs not prepared yet starts the workers while Ray Data prepares them
+(run.start_workers_early): the hand-off, the decision, and whole runs (same losses as preparing
+first; a preparation error reaches the user, not a hang)."""
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from safedpo_ray.config import load_config
+from safedpo_ray.data.synthetic import make_synthetic_rows
+from safedpo_ray.data.stream import DataError
+from safedpo_ray.train import handoff, preempt
+from safedpo_ray.train.trainer import DataPlan, estimated_rows, plan_data, reference_pass_expected
+
+
+# ----------------------------------------------------------------------------------- hand-off
+
+
+def test_announced_pairs_reach_a_worker_that_waits(tmp_path):
+    root = str(tmp_path)
+    got = {}
+    waiter = threading.Thread(target=lambda: got.update(handoff.wait_for_pairs(root, poll_s=0.01)))
+    waiter.start()
+    time.sleep(0.2)
+    assert waiter.is_alive()  # nothing announced: still waiting
+    handoff.announce(root, pairs={"train": "/p/train.arrow", "eval": "/p/eval.arrow"}, has_eval=True)
+    waiter.join(5)
+    assert got == {"pairs": {"train": "/p/train.arrow", "eval": "/p/eval.arrow"}, "has_eval": True}
+
+
+def test_a_preparation_error_or_a_stop_ends_the_wait(tmp_path):
+    handoff.announce(str(tmp_path), error="preparation failed: no pairs")
+    with pytest.raises(handoff.NoPairs, match="no pairs"):
+        handoff.wait_for_pairs(str(tmp_path), poll_s=0.01)
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    (stopped / preempt.STOP_MARKER).write_text(json.dumps({"signal": "SIGTERM"}))
+    with pytest.raises(handoff.NoPairs, match="signalled before the pairs were ready"):
+        handoff.wait_for_pairs(str(stopped), poll_s=0.01)
+
+
+def test_every_rank_gives_up_when_one_does(tmp_path):
+    handoff.announce(str(tmp_path), pairs={"train": "t"}, has_eval=False)
+    seen = []
+
+    def agree(gave_up: bool) -> bool:  # another rank saw the stop marker
+        seen.append(gave_up)
+        return True
+
+    with pytest.raises(handoff.NoPairs, match="another worker"):
+        handoff.wait_for_pairs(str(tmp_path), agree, poll_s=0.01)
+    assert seen == [False]
+    assert handoff.wait_for_pairs(str(tmp_path), lambda gave_up: gave_up, poll_s=0.01)["pairs"] == {"train": "t"}
+
+
+def test_a_half_written_announcement_is_read_again(tmp_path):
+    path = tmp_path / handoff.READY
+    path.write_text('{"pairs": {"tra')  # caught mid-write
+    threading.Timer(0.2, lambda: handoff.announce(str(tmp_path), pairs={"train": "t"})).start()
+    assert handoff.wait_for_pairs(str(tmp_path), poll_s=0.01)["pairs"] == {"train": "t"}
+    handoff.withdraw(str(tmp_path))
+    assert not path.exists()
+
+
+def test_a_signal_while_the_workers_wait_says_nothing_was_saved(capsys, tmp_path):
+    guard = preempt.DriverSignals()
+    guard.marker = str(tmp_path / preempt.STOP_MARKER)
+    guard.waiting_for_pairs = lambda: True
+    guard.signum, guard.requested_at = 15, time.monotonic()
+    guard.poll()
+    assert "while the pairs are prepared" in capsys.readouterr().out
+    assert (tmp_path / preempt.STOP_MARKER).exists()  # the workers' wait ends on it
+    preempt._active = guard
+    try:
+        with pytest.raises(preempt.Stopped, match="before training started: stopped, nothing to save") as stop:
+            preempt.raise_if_signalled("r1")
+        assert stop.value.signum == 15
+    finally:
+        preempt._active = None
+    preempt.raise_if_signalled("r1")  # no guard, no signal: nothing to raise
+
+
+# ----------------------------------------------------------------------------------- decision
+
+
+def write_rows(path: Path, n: int, *, seed: int = 0) -> Path:
+    rows = make_synthetic_rows(200, seed=seed, split="train")
+    with path.open("w") as f:
+        for i in range(n):
+            f.write(json.dumps({**rows[i % len(rows)], "prompt": f"{rows[i % len(rows)]['prompt']} #{i}"}) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("chunk_mb", [1, 64])
+def test_rows_are_estimated_from_the_files_bytes(tmp_path, chunk_mb):
+    data = write_rows(tmp_path / "rows.jsonl", 3000)
+    cfg = load_config(None, [f"data.source={data}", "data.eval_fraction=0.05", f"data.chunk_mb={chunk_mb}"])
+    estimate = estimated_rows(plan_data(cfg))
+    assert estimate == pytest.approx(3000, rel=0.15)
+    synthetic = load_config(None, ["data.synthetic_prompts=640"])
+    assert estimated_rows(plan_data(synthetic)) == 640
+
+
+def test_rows_of_a_gzip_file_are_not_estimated(tmp_path):
+    import gzip
+
+    data = tmp_path / "rows.jsonl.gz"
+    data.write_bytes(gzip.compress(write_rows(tmp_path / "plain.jsonl", 50).read_bytes()))
+    cfg = load_config(None, [f"data.source={data}"])
+    assert estimated_rows(plan_data(cfg)) is None
+    assert reference_pass_expected(load_config(None, [f"data.source={data}", "train.max_steps=1"]),
+                                   plan_data(cfg))  # not known: the cached pass, as before
+
+
+def test_a_reference_pass_is_expected_unless_the_run_is_short_or_needs_none():
+    plan = DataPlan(chunks=[], names=[], identity=[])
+    synthetic = plan_data(load_config(None, ["data.synthetic_prompts=4000"]))
+    expect = lambda *o, p=synthetic: reference_pass_expected(load_config(None, list(o)), p)  # noqa: E731
+    assert expect()  # whole epochs: the cached pass pays off
+    assert not expect("train.cache_reference=false")
+    assert not expect("train.loss=simpo")
+    assert not expect("train.max_steps=10")  # 160 pairs of ~4,000 rows
+    assert expect("train.max_steps=100")  # 1,600 pairs: more than a quarter of the rows
+    assert expect("train.max_steps=10", p=plan)  # rows unknown
+
+
+# ----------------------------------------------------------------------------------- whole runs
+
+pytestmark_e2e = pytest.mark.timeout(300)
+
+SMALL = ["data.max_length=96", "data.max_prompt_length=40", "train.global_batch_size=8", "train.micro_batch_size=2",
+         "train.learning_rate=1e-3", "run.num_workers=2", "train.max_steps=3", "data.eval_fraction=0.1"]
+
+
+def losses(summary: dict) -> dict[int, float]:
+    path = Path(summary["run_dir"]) / "metrics.jsonl"
+    return {r["step"]: r["loss"] for r in map(json.loads, path.open()) if "loss" in r}
+
+
+def alive_train_workers() -> int:
+    from ray.util.state import list_actors
+
+    return sum("RayTrainWorker" in a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")]))
+
+
+@pytestmark_e2e
+def test_workers_start_before_the_pairs_and_train_as_if_prepared_first(ray_local, tmp_path, monkeypatch):
+    from safedpo_ray.train import trainer
+
+    data = write_rows(tmp_path / "rows.jsonl", 400)
+    common = SMALL + [f"data.source={data}", f"run.output_dir={tmp_path / 'out'}"]
+    later = trainer.train(load_config(None, common + ["run.name=later", "run.start_workers_early=false"]))
+    assert "started_before_pairs" not in later
+
+    # A fresh cache, and a preparation that only begins once the workers are up: a `train` that
+    # prepared first would wait here forever (and fail after 90 s).
+    prepare = trainer.prepare
+
+    def prepare_once_workers_run(*args, **kwargs):
+        deadline = time.monotonic() + 90
+        while alive_train_workers() < 2:
+            assert time.monotonic() < deadline, "the training workers did not start before preparation"
+            time.sleep(0.5)
+        return prepare(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "prepare", prepare_once_workers_run)
+    early = trainer.train(load_config(None, SMALL + [f"data.source={data}", f"run.output_dir={tmp_path / 'out2'}",
+                                                    "run.name=early"]))
+    assert early["started_before_pairs"] is True
+    assert losses(early) == pytest.approx(losses(later), abs=1e-6)
+    assert early["data"] == later["data"]  # the same statistics, in the summary
+    run_dir = Path(early["run_dir"])
+    assert json.loads((run_dir / "data_stats.json").read_text()) == later["data"]
+    assert early["eval_after"] == pytest.approx(later["eval_after"], abs=1e-6)
+    assert early["reference_forwards"] > 0 and "reference" not in early  # the live reference
+    assert not (run_dir / preempt.STOP_MARKER).exists()
+
+
+@pytestmark_e2e
+def test_a_preparation_error_reaches_the_user_while_the_workers_wait(ray_local, tmp_path):
+    from safedpo_ray.train import trainer
+
+    rows = [r for r in make_synthetic_rows(200, seed=1) if r["is_response_0_safe"] or r["is_response_1_safe"]]
+    unsafe = {**rows[0], "is_response_0_safe": False, "is_response_1_safe": False}
+    data = tmp_path / "unsafe.jsonl"
+    data.write_text("".join(json.dumps({**unsafe, "prompt": f"{unsafe['prompt']} #{i}"}) + "\n" for i in range(300)))
+    cfg = load_config(None, SMALL + [f"data.source={data}", f"run.output_dir={tmp_path}", "run.name=bad"])
+    t0 = time.monotonic()
+    with pytest.raises(DataError, match="kept no training pairs"):
+        trainer.train(cfg)
+    assert time.monotonic() - t0 < 120
+    assert json.loads((tmp_path / "bad" / handoff.READY).read_text())["error"].startswith("preparation failed")
