@@ -146,6 +146,21 @@ def alive_train_workers() -> int:
     return sum("RayTrainWorker" in a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")]))
 
 
+def prepare_once_workers_run(prepare):
+    """`trainer.prepare` that says it has started (its first rows, as far as `train` knows) and
+    then waits for both training workers before it reads anything."""
+
+    def wrapped(*args, started=None, **kwargs):
+        started.set()
+        deadline = time.monotonic() + 90
+        while alive_train_workers() < 2:
+            assert time.monotonic() < deadline, "the training workers did not start before preparation"
+            time.sleep(0.5)
+        return prepare(*args, started=started, **kwargs)
+
+    return wrapped
+
+
 @pytestmark_e2e
 def test_workers_start_before_the_pairs_and_train_as_if_prepared_first(ray_local, tmp_path, monkeypatch):
     from safedpo_ray.train import trainer
@@ -157,16 +172,7 @@ def test_workers_start_before_the_pairs_and_train_as_if_prepared_first(ray_local
 
     # A fresh cache, and a preparation that only begins once the workers are up: a `train` that
     # prepared first would wait here forever (and fail after 90 s).
-    prepare = trainer.prepare
-
-    def prepare_once_workers_run(*args, **kwargs):
-        deadline = time.monotonic() + 90
-        while alive_train_workers() < 2:
-            assert time.monotonic() < deadline, "the training workers did not start before preparation"
-            time.sleep(0.5)
-        return prepare(*args, **kwargs)
-
-    monkeypatch.setattr(trainer, "prepare", prepare_once_workers_run)
+    monkeypatch.setattr(trainer, "prepare", prepare_once_workers_run(trainer.prepare))
     early = trainer.train(load_config(None, SMALL + [f"data.source={data}", f"run.output_dir={tmp_path / 'out2'}",
                                                     "run.name=early"]))
     assert early["started_before_pairs"] is True
@@ -180,8 +186,10 @@ def test_workers_start_before_the_pairs_and_train_as_if_prepared_first(ray_local
 
 
 @pytestmark_e2e
-def test_a_preparation_error_reaches_the_user_while_the_workers_wait(ray_local, tmp_path):
+def test_a_preparation_error_reaches_the_user_while_the_workers_wait(ray_local, tmp_path, monkeypatch):
     from safedpo_ray.train import trainer
+
+    monkeypatch.setattr(trainer, "prepare", prepare_once_workers_run(trainer.prepare))
 
     rows = [r for r in make_synthetic_rows(200, seed=1) if r["is_response_0_safe"] or r["is_response_1_safe"]]
     unsafe = {**rows[0], "is_response_0_safe": False, "is_response_1_safe": False}
@@ -191,5 +199,21 @@ def test_a_preparation_error_reaches_the_user_while_the_workers_wait(ray_local, 
     t0 = time.monotonic()
     with pytest.raises(DataError, match="kept no training pairs"):
         trainer.train(cfg)
-    assert time.monotonic() - t0 < 120
+    assert time.monotonic() - t0 < 150
     assert json.loads((tmp_path / "bad" / handoff.READY).read_text())["error"].startswith("preparation failed")
+
+
+@pytestmark_e2e
+def test_a_preparation_error_before_any_row_arrives_starts_no_worker(ray_local, tmp_path, monkeypatch):
+    from safedpo_ray.train import trainer
+
+    def failing(*args, **kwargs):
+        raise DataError("the source went away")
+
+    monkeypatch.setattr(trainer, "prepare", failing)
+    monkeypatch.setattr(trainer, "fit", lambda *a, **k: pytest.fail("workers started"))
+    data = write_rows(tmp_path / "rows.jsonl", 400)
+    cfg = load_config(None, SMALL + [f"data.source={data}", f"run.output_dir={tmp_path}", "run.name=gone"])
+    with pytest.raises(DataError, match="the source went away"):
+        trainer.train(cfg)
+    assert not (tmp_path / "gone" / handoff.READY).exists()

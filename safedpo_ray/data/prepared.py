@@ -176,9 +176,10 @@ def is_prepared(cfg, identity: list[str], tokenizer_path: str) -> bool:
 
 
 def prepare_data(cfg, *, chunks, names: list[str], identity: list[str], tokenizer_path: str,
-                 progress: bool = True, tokenizer_spec: dict | None = None) -> PreparedData:
+                 progress: bool = True, tokenizer_spec: dict | None = None, started=None) -> PreparedData:
     """The prepared pairs of `cfg.data` from the cache, or from one streaming Ray Data pass.
-    `tokenizer_spec`: the tasks tokenize with the Rust backend alone (data/task_tokenizer.py)."""
+    `tokenizer_spec`: the tasks tokenize with the Rust backend alone (data/task_tokenizer.py).
+    `started`: an Event set when the pass's first rows arrive (stream.run_pipeline)."""
     t0 = time.perf_counter()
     d = cfg.data
     key, root = prepared_root(cfg, identity, tokenizer_path)
@@ -193,7 +194,8 @@ def prepare_data(cfg, *, chunks, names: list[str], identity: list[str], tokenize
                   "max_row_bytes": d.max_row_bytes, "drop_duplicates": d.drop_duplicates,
                   "tokenizer_spec": tokenizer_spec}
         try:
-            stats = run_pipeline(chunks, names, tmp, params, max_rows=d.max_rows, progress=progress)
+            stats = run_pipeline(chunks, names, tmp, params, max_rows=d.max_rows, progress=progress,
+                                 started=started)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

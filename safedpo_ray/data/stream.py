@@ -424,9 +424,10 @@ def free_cpus(wait_s: float = 1.0) -> float:
 
 
 def run_pipeline(chunks: list[Chunk], names: list[str], out_dir, params: dict[str, Any], *,
-                 max_rows: int | None = None, progress: bool = True) -> dict[str, Any]:
+                 max_rows: int | None = None, progress: bool = True, started=None) -> dict[str, Any]:
     """Stream the chunks through Ray Data into out_dir/{train,eval}.arrow and quarantine.jsonl;
-    returns the statistics per split."""
+    returns the statistics per split. `started` (a threading.Event): set when the first rows
+    arrive, i.e. once the read tasks hold their worker processes."""
     import ray.data
     from ray.data import ExecutionResources
 
@@ -462,6 +463,8 @@ def run_pipeline(chunks: list[Chunk], names: list[str], out_dir, params: dict[st
                 for entry in bad:
                     q.write(json.dumps(entry, default=str) + "\n")
                 bar.update(tally)
+                if started is not None:
+                    started.set()
                 if max_rows and tally.rows >= max_rows:
                     break
         except Exception as exc:

@@ -229,11 +229,12 @@ def start_model(cfg: Config, run_dir: Path, plan: DataPlan):
 
 
 def prepare(cfg: Config, run_dir: Path, plan: DataPlan | None = None, *, dashboard: bool = True,
-            model=None) -> Prepared:
+            model=None, started=None) -> Prepared:
     """Prepared pairs of both splits (reused from the cache, or one streaming Ray Data pass:
     read, validate with quarantine, split, T, tokenize) and the model path workers load.
     `dashboard=False`: a local Ray started here has no dashboard (`safedpo-ray prepare`).
-    `model`: the future of `start_model`, when the caller started it (else started here)."""
+    `model`: the future of `start_model`, when the caller started it (else started here).
+    `started`: an Event set once the Ray Data pass delivers its first rows."""
     run_dir.mkdir(parents=True, exist_ok=True)
     plan = plan or plan_data(cfg)
     model = model or start_model(cfg, run_dir, plan)
@@ -243,7 +244,7 @@ def prepare(cfg: Config, run_dir: Path, plan: DataPlan | None = None, *, dashboa
     ready = model.result()
     model_path = ready.path
     data = prepare_data(cfg, chunks=plan.chunks, names=plan.names, identity=plan.identity, tokenizer_path=model_path,
-                        tokenizer_spec=ready.tokenizer_spec)
+                        tokenizer_spec=ready.tokenizer_spec, started=started)
     quarantined = copy_run_files(data, run_dir)
     print(f"[safedpo] {data.describe()}", flush=True)
     if quarantined:
@@ -400,9 +401,13 @@ def overlaps_preparation(cfg: Config, plan: DataPlan, model_path: str) -> bool:
 
 def train_while_preparing(cfg: Config, run_dir: Path, plan: DataPlan, model, *, storage: str, started: float,
                           root: str) -> dict[str, Any]:
-    """`fit` with the workers starting at once and the pairs prepared in a thread meanwhile: the
-    workers load the model, then wait for the prepared files (train/handoff.py). A preparation
-    error reaches the workers (they stop) and is raised here."""
+    """`fit` with the pairs prepared in a thread meanwhile: the workers start once preparation's
+    first rows arrive, load the model, then wait for the prepared files (train/handoff.py). A
+    preparation error reaches the workers (they stop) and is raised here.
+
+    Why after the first rows: Ray Train's controller, helper actors and workers would otherwise
+    take the worker processes Ray started in advance, and the read tasks would wait for new ones
+    (measured on 2 cores: 346 rows/s over preparation's first 34 s, against 3,400 alone)."""
     import threading
     from concurrent.futures import Future
 
@@ -411,10 +416,11 @@ def train_while_preparing(cfg: Config, run_dir: Path, plan: DataPlan, model, *, 
     model_path = run_storage.publish_driver_files(root, run_dir, model.result().path)
     handoff.withdraw(root)
     future: Future = Future()
+    first_rows = threading.Event()
 
     def run() -> None:
         try:
-            prepared = prepare(cfg, run_dir, plan, model=model)
+            prepared = prepare(cfg, run_dir, plan, model=model, started=first_rows)
             prepared.model_path = model_path
             if run_storage.is_remote(root):  # what preparation wrote into the run directory
                 for name in ("data_stats.json", "quarantine.jsonl"):
@@ -429,14 +435,21 @@ def train_while_preparing(cfg: Config, run_dir: Path, plan: DataPlan, model, *, 
             future.set_result(prepared)
         except BaseException as exc:  # noqa: BLE001  (raised by fit through the future)
             future.set_exception(exc)
+            first_rows.set()
             try:
                 handoff.announce(root, error=f"preparation failed: {str(exc).splitlines()[0] if str(exc) else exc!r}")
             except Exception as again:  # noqa: BLE001
                 print(f"[safedpo] warning: could not tell the workers that preparation failed: {again}", flush=True)
 
+    threading.Thread(target=run, name="safedpo-prepare", daemon=True).start()
+    while not first_rows.wait(0.2):
+        if future.done():
+            break
+    if future.done() and future.exception() is not None:
+        handoff.withdraw(root)
+        raise future.exception()  # no worker started yet: preparation's error as it is
     print("[safedpo] training workers start while the pairs are prepared", flush=True)
     preempt.waiting_for_pairs(lambda: not future.done())
-    threading.Thread(target=run, name="safedpo-prepare", daemon=True).start()
     return fit(cfg, run_dir, future, storage=storage, started=started, root=root, model_path=model_path)
 
 
