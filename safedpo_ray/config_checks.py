@@ -131,7 +131,7 @@ FREE = {
     "model.lora.enabled", "model.lora.target_modules",
     "train.seed", "train.cache_reference", "train.record_pairs",
     "run.name", "run.output_dir", "run.storage_path", "run.resume", "run.use_gpu", "run.address",
-    "run.worker_resources", "run.tensorboard", "run.mlflow_tracking_uri", "run.export_merged",
+    "run.worker_resources", "run.tensorboard", "run.mlflow_tracking_uri", "run.export_merged", "run.start_workers_early",
 }
 
 

@@ -127,6 +127,27 @@ def test_a_reference_pass_is_expected_unless_the_run_is_short_or_needs_none():
     assert expect("train.max_steps=10", p=plan)  # rows unknown
 
 
+def test_workers_start_early_only_with_a_cpu_to_spare_and_pairs_to_prepare(ray_local, tmp_path):
+    import ray
+
+    from safedpo_ray.data.prepared import COMPLETE, prepared_root
+    from safedpo_ray.train.trainer import overlaps_preparation
+
+    data = write_rows(tmp_path / "rows.jsonl", 400)
+    base = [f"data.source={data}", f"run.output_dir={tmp_path}", "train.max_steps=2", "run.num_workers=2"]
+    cpus = ray.cluster_resources()["CPU"]
+    decide = lambda *o: overlaps_preparation(cfg := load_config(None, base + list(o)), plan_data(cfg), "tok")  # noqa: E731
+    assert decide()
+    assert not decide("run.start_workers_early=false")
+    assert not decide(f"run.cpus_per_worker={cpus / 2}")  # the workers would hold every CPU
+    assert not decide("train.max_steps=20")  # 320 pairs of ~400 rows: the cached reference pass
+    cfg = load_config(None, base)
+    root = Path(prepared_root(cfg, plan_data(cfg).identity, "tok")[1])
+    root.mkdir(parents=True)
+    (root / COMPLETE).write_text("{}")  # prepared already: nothing to overlap
+    assert not decide()
+
+
 # ----------------------------------------------------------------------------------- whole runs
 
 pytestmark_e2e = pytest.mark.timeout(300)
