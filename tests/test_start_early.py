@@ -13,7 +13,8 @@ from safedpo_ray.config import load_config
 from safedpo_ray.data.synthetic import make_synthetic_rows
 from safedpo_ray.data.stream import DataError
 from safedpo_ray.train import handoff, preempt
-from safedpo_ray.train.trainer import DataPlan, estimated_rows, plan_data, reference_pass_expected
+from safedpo_ray.train.early_start import estimated_rows, reference_pass_expected
+from safedpo_ray.train.trainer import DataPlan, plan_data
 
 
 # ----------------------------------------------------------------------------------- hand-off
@@ -124,6 +125,7 @@ def test_a_reference_pass_is_expected_unless_the_run_is_short_or_needs_none():
     assert not expect("train.loss=simpo")
     assert not expect("train.max_steps=10")  # 160 pairs of ~4,000 rows
     assert expect("train.max_steps=100")  # 1,600 pairs: more than a quarter of the rows
+    assert expect("train.max_steps=10", "data.max_rows=500")  # only 500 rows will be read
     assert expect("train.max_steps=10", p=plan)  # rows unknown
 
 
@@ -131,7 +133,7 @@ def test_workers_start_early_only_with_a_cpu_to_spare_and_pairs_to_prepare(ray_l
     import ray
 
     from safedpo_ray.data.prepared import COMPLETE, prepared_root
-    from safedpo_ray.train.trainer import overlaps_preparation
+    from safedpo_ray.train.early_start import overlaps_preparation
 
     data = write_rows(tmp_path / "rows.jsonl", 400)
     base = [f"data.source={data}", f"run.output_dir={tmp_path}", "train.max_steps=2", "run.num_workers=2"]

@@ -1,7 +1,7 @@
 """Pairs handed to training workers that started before preparation ended.
 
 `safedpo-ray train` on rows not prepared yet starts Ray Train's workers and prepares the pairs
-at the same time (trainer.py, `overlaps_preparation`): the workers load the model while Ray Data
+at the same time (train/early_start.py decides): the workers load the model while Ray Data
 reads and tokenizes, then wait here for the prepared files. The driver announces them in the
 run root (a local path, a shared filesystem or an object store: where every rank can read):
 

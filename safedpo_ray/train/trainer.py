@@ -31,6 +31,7 @@ from safedpo_ray.loss_names import uses_reference
 from safedpo_ray.ray_env import ensure_ray
 from safedpo_ray import storage as run_storage
 from safedpo_ray.train import faults, preempt
+from safedpo_ray.train.early_start import overlaps_preparation
 
 
 class RunError(UserError):
@@ -335,70 +336,6 @@ def train(cfg: Config) -> dict[str, Any]:
     return fit(cfg, run_dir, prepared, storage=storage, started=t0, root=root)
 
 
-def estimated_rows(plan: DataPlan, sample_bytes: int = 1 << 16) -> float | None:
-    """The training rows in the sources (held-out files aside), estimated before any is read:
-    synthetic ones exactly, uncompressed .jsonl from their bytes and the size of the first file's
-    first rows; None for other formats."""
-    chunks = [c for c in plan.chunks if c.split != "eval"]
-    if not chunks:
-        return None
-    synthetic = sum(int(c.options.get("prompts", 0)) for c in chunks if c.fmt == "synthetic")
-    files = [c for c in chunks if c.fmt != "synthetic"]
-    if not files:
-        return float(synthetic)
-    if any(c.fmt != "jsonl" or c.compressed for c in files):
-        return None
-    try:
-        sizes: dict[str, int] = {}
-        total = 0
-        for c in files:
-            if c.end >= 0:
-                total += c.end - max(c.start, 0)
-                continue
-            if c.uri not in sizes:
-                fs, path = run_storage.resolve(c.uri)
-                sizes[c.uri] = fs.get_file_info(path).size or 0
-            total += sizes[c.uri]
-        fs, path = run_storage.resolve(files[0].uri)
-        with fs.open_input_stream(path) as f:
-            head = f.read(sample_bytes)
-    except Exception:  # noqa: BLE001  (an estimate only)
-        return None
-    rows, used = head.count(b"\n"), head.rfind(b"\n") + 1  # whole rows in the sample, and their bytes
-    if not rows:
-        return synthetic + 1.0 if head and len(head) < sample_bytes else None  # one row without a newline
-    return synthetic + total * rows / used
-
-
-def reference_pass_expected(cfg: Config, plan: DataPlan) -> bool:
-    """Whether `attach_reference` would run a reference pass over the prepared pairs, judged
-    before they exist: a run of max_steps that trains on less than a quarter of the rows in the
-    sources computes its reference log-probs live."""
-    if not cfg.train.cache_reference or not uses_reference(cfg.train.loss):
-        return False
-    if not cfg.train.max_steps:
-        return True
-    rows = estimated_rows(plan)
-    return rows is None or 4 * cfg.train.max_steps * cfg.train.global_batch_size > rows
-
-
-def overlaps_preparation(cfg: Config, plan: DataPlan, model_path: str) -> bool:
-    """Whether `train` starts the workers while the pairs are prepared (run.start_workers_early):
-    the pairs are not prepared yet, no reference pass must come between (it needs the prepared
-    pairs, and the CPUs or GPUs the workers would hold), and the cluster has a CPU beyond the
-    workers' for Ray Data (else the workers would wait for pairs that never come)."""
-    import ray
-
-    from safedpo_ray.data.prepared import is_prepared
-
-    if not cfg.run.start_workers_early or reference_pass_expected(cfg, plan):
-        return False
-    if is_prepared(cfg, plan.identity, model_path):
-        return False
-    spare = ray.cluster_resources().get("CPU", 0) - cfg.run.num_workers * cfg.run.cpus_per_worker
-    return spare >= 1
-
-
 def train_while_preparing(cfg: Config, run_dir: Path, plan: DataPlan, model, *, storage: str, started: float,
                           root: str) -> dict[str, Any]:
     """`fit` with the pairs prepared in a thread meanwhile: the workers start once preparation's
@@ -434,12 +371,12 @@ def train_while_preparing(cfg: Config, run_dir: Path, plan: DataPlan, model, *, 
                       f"{prepared.stats['train']['pairs']:,} pairs", flush=True)
             future.set_result(prepared)
         except BaseException as exc:  # noqa: BLE001  (raised by fit through the future)
-            future.set_exception(exc)
-            first_rows.set()
-            try:
+            try:  # announced before the future is done: the caller may withdraw it then
                 handoff.announce(root, error=f"preparation failed: {str(exc).splitlines()[0] if str(exc) else exc!r}")
             except Exception as again:  # noqa: BLE001
                 print(f"[safedpo] warning: could not tell the workers that preparation failed: {again}", flush=True)
+            future.set_exception(exc)
+            first_rows.set()
 
     threading.Thread(target=run, name="safedpo-prepare", daemon=True).start()
     while not first_rows.wait(0.2):
