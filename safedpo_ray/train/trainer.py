@@ -376,12 +376,11 @@ def train_while_preparing(cfg: Config, run_dir: Path, plan: DataPlan, model, *, 
             except Exception as again:  # noqa: BLE001
                 print(f"[safedpo] warning: could not tell the workers that preparation failed: {again}", flush=True)
             future.set_exception(exc)
-            first_rows.set()
+        finally:
+            first_rows.set()  # also when preparation ended without rows, or failed
 
     threading.Thread(target=run, name="safedpo-prepare", daemon=True).start()
-    while not first_rows.wait(0.2):
-        if future.done():
-            break
+    first_rows.wait()
     if future.done() and future.exception() is not None:
         handoff.withdraw(root)
         raise future.exception()  # no worker started yet: preparation's error as it is
