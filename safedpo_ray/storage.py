@@ -158,6 +158,32 @@ def download(src: str, local: str | os.PathLike) -> Path:
     return local
 
 
+def scratch_dir(final: Path) -> Path:
+    """A fresh sibling of `final` to write into before renaming it into place, named for this host
+    and process; siblings that processes of this host left behind when they died (SIGKILL, a
+    driver that stopped at once on a signal) are removed first. Not created."""
+    import socket
+
+    host = socket.gethostname().replace("/", "_")
+    for stale in final.parent.glob(f"{final.name}.tmp-{host}-*"):
+        pid = stale.name.rsplit("-", 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = final.with_name(f"{final.name}.tmp-{host}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def localize(path: str | os.PathLike, parts: tuple[str, ...] | None = None) -> str:
     """A path this process can open: local paths and hub ids pass through; an object-store URI
     is downloaded once per node into a cache keyed by the URI and its listing (sizes, times).

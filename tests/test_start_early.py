@@ -66,19 +66,32 @@ def test_a_half_written_announcement_is_read_again(tmp_path):
     assert not path.exists()
 
 
-def test_a_signal_while_the_workers_wait_says_nothing_was_saved(capsys, tmp_path):
+def test_a_signal_while_the_workers_wait_stops_at_once(tmp_path):
     guard = preempt.DriverSignals()
     guard.marker = str(tmp_path / preempt.STOP_MARKER)
     guard.waiting_for_pairs = lambda: True
     guard.signum, guard.requested_at = 15, time.monotonic()
+    with pytest.raises(preempt.Interrupted, match="while the pairs were prepared: stopped, nothing to save") as stop:
+        guard.poll()  # not a wait for the workers to load their model and see the marker
+    assert stop.value.signum == 15
+    assert (tmp_path / preempt.STOP_MARKER).exists()  # what outlives the driver still stops on it
+    # once the pairs are announced, a signal asks the workers for a checkpoint instead
+    guard = preempt.DriverSignals()
+    guard.marker = str(tmp_path / "other" / preempt.STOP_MARKER)
+    guard.waiting_for_pairs = lambda: False
+    guard.signum, guard.requested_at = 15, time.monotonic()
     guard.poll()
-    assert "while the pairs are prepared" in capsys.readouterr().out
-    assert (tmp_path / preempt.STOP_MARKER).exists()  # the workers' wait ends on it
+    assert (tmp_path / "other" / preempt.STOP_MARKER).exists()
+
+
+def test_workers_stopped_by_the_marker_say_nothing_was_saved():
+    guard = preempt.DriverSignals()
+    guard.signum = 2
     preempt._active = guard
     try:
         with pytest.raises(preempt.Stopped, match="before training started: stopped, nothing to save") as stop:
             preempt.raise_if_signalled("r1")
-        assert stop.value.signum == 15
+        assert stop.value.exit_code == 130
     finally:
         preempt._active = None
     preempt.raise_if_signalled("r1")  # no guard, no signal: nothing to raise
@@ -240,3 +253,45 @@ def test_a_preparation_error_before_any_row_arrives_starts_no_worker(ray_local, 
     with pytest.raises(DataError, match="the source went away"):
         trainer.train(cfg)
     assert not (tmp_path / "gone" / handoff.READY).exists()
+
+
+@pytestmark_e2e
+def test_a_signal_while_the_pairs_are_prepared_stops_the_command_at_once(tmp_path):
+    """`safedpo-ray train` as a user runs it, SIGTERM as soon as its workers start (the pairs still
+    being prepared): exit 143 within seconds, saying nothing was trained, and nothing left running."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from safedpo_ray.data.prepared import COMPLETE
+
+    data = write_rows(tmp_path / "rows.jsonl", 30_000)
+    report, log = tmp_path / "report.json", tmp_path / "train.log"
+    tests = Path(__file__).parent
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    cmd = [sys.executable, str(tests / "reaped_run.py"), str(report), "--", sys.executable, "-m", "safedpo_ray.cli",
+           "train", *SMALL, f"data.source={data}", f"run.output_dir={tmp_path / 'out'}", "run.name=sig"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 180
+            while "training workers start while the pairs are prepared" not in log.read_text():
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            rc = proc.wait(timeout=120)
+            took = time.monotonic() - signalled
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    text = log.read_text()
+    assert rc == 143, text[-3000:]
+    assert "SIGTERM received while the pairs were prepared: stopped, nothing to save" in text
+    assert took < 8, f"{took:.1f} s from the signal to the exit"  # 17.9 s before: the workers had to load their model first
+    assert json.loads(report.read_text())["left_at_exit"] == []
+    assert not list((tmp_path / "out").glob(f".cache/prepared/*/{COMPLETE}"))  # preparation did not go on
+    assert not (tmp_path / "out" / "sig" / "summary.json").exists()
+    print(f"exit {took:.1f} s after the signal")

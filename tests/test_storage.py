@@ -30,6 +30,26 @@ def test_join_keeps_the_query_and_redact_hides_secrets(tmp_path):
     assert not storage.is_remote(str(tmp_path)) and not storage.is_remote(f"file://{tmp_path}")
 
 
+def test_scratch_dir_removes_what_dead_processes_of_this_host_left(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    host = socket.gethostname()
+    final = tmp_path / "abc123"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f"abc123.tmp-{host}-{int(gone.stdout)}"  # a preparation killed mid-write
+    live = tmp_path / f"abc123.tmp-{host}-{os.getppid()}"  # another run, still writing
+    elsewhere = tmp_path / f"abc123.tmp-other-host-{int(gone.stdout)}"  # a node's, on a shared disk
+    other_key = tmp_path / f"abc1234.tmp-{host}-{int(gone.stdout)}"
+    for d in (dead, live, elsewhere, other_key):
+        (d / "part").mkdir(parents=True)
+    tmp = storage.scratch_dir(final)
+    assert tmp == tmp_path / f"abc123.tmp-{host}-{os.getpid()}" and not tmp.exists()
+    assert not dead.exists()
+    assert live.exists() and elsewhere.exists() and other_key.exists()
+
+
 def test_run_root_and_driver_dir(tmp_path):
     unset = RunConfig(output_dir=str(tmp_path / "runs"))
     assert storage.run_root(unset, "r") == str(tmp_path / "runs" / "r") == str(storage.local_run_dir(unset, "r"))

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -185,8 +184,7 @@ def prepare_data(cfg, *, chunks, names: list[str], identity: list[str], tokenize
     key, root = prepared_root(cfg, identity, tokenizer_path)
     if not storage.exists(storage.join(root, COMPLETE)):
         local = local_cache_base(cfg.run) / "prepared" / key if storage.is_remote(root) else Path(root)
-        tmp = local.with_name(f"{key}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = storage.scratch_dir(local)
         tmp.mkdir(parents=True)
         params = {"schema": d.schema, "strict": d.strict, "eval_fraction": d.eval_fraction, "mode": d.mode,
                   "tokenizer": tokenizer_path, "trust_remote_code": cfg.model.trust_remote_code,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -191,8 +190,7 @@ def reference_logps(prepared, *, model_path: str, precision: str, cache_base: st
     splits = [s for s in ("train", "eval") if prepared.stats.get(s, {}).get("pairs", 0) > 0]
     if computed:
         local = Path(local_base) / "reference" / key if storage.is_remote(root) else Path(root)
-        tmp = local.with_name(f"{key}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = storage.scratch_dir(local)
         tmp.mkdir(parents=True)
         actor_cls = ray.remote(num_cpus=cpus_per_actor, num_gpus=1 if use_gpu else 0)(ReferenceLogps)
         actors = [actor_cls.remote(model_path, precision, trust_remote_code, use_gpu, layout, logits_chunk_tokens) for _ in range(num_actors)]

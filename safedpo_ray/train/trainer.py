@@ -160,16 +160,14 @@ def tiny_model(cfg: Config, out: Path, texts: list[str]) -> Path:
     payload = json.dumps({"texts": list(texts), "seed": cfg.train.seed, "versions": versions, "v": 1})
     cached = source = Path(base) / "tiny-model" / hashlib.sha256(payload.encode()).hexdigest()[:20]
     if not is_tiny_model(cached):
-        source = cached.with_name(f"{cached.name}.tmp-{os.getpid()}")
-        shutil.rmtree(source, ignore_errors=True)
+        source = run_storage.scratch_dir(cached)
         build_tiny_model(source, texts, seed=cfg.train.seed)
         try:
             source.rename(cached)  # atomic: a half-written model is never picked up
             source = cached
         except OSError:  # another run put one there meanwhile: copy ours
             pass
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = run_storage.scratch_dir(out)
     shutil.copytree(source, tmp)
     shutil.rmtree(out, ignore_errors=True)  # what an interrupted build of an earlier attempt left
     tmp.rename(out)
@@ -353,7 +351,7 @@ def train_while_preparing(cfg: Config, run_dir: Path, plan: DataPlan, model, *, 
     model_path = run_storage.publish_driver_files(root, run_dir, model.result().path)
     handoff.withdraw(root)
     future: Future = Future()
-    first_rows = threading.Event()
+    first_rows, announced = threading.Event(), threading.Event()
 
     def run() -> None:
         try:
@@ -363,6 +361,7 @@ def train_while_preparing(cfg: Config, run_dir: Path, plan: DataPlan, model, *, 
                 for name in ("data_stats.json", "quarantine.jsonl"):
                     if (run_dir / name).exists():
                         run_storage.upload(run_dir / name, run_storage.join(root, name))
+            announced.set()  # from here a signal takes the checkpointing path (the workers may train)
             handoff.announce(root, pairs=prepared.pair_files()["pairs"], has_eval=prepared.has_eval)
             if uses_reference(cfg.train.loss) and cfg.train.cache_reference:
                 print(f"[safedpo] reference log-probs computed live: the workers started while the pairs were "
@@ -385,7 +384,7 @@ def train_while_preparing(cfg: Config, run_dir: Path, plan: DataPlan, model, *, 
         handoff.withdraw(root)
         raise future.exception()  # no worker started yet: preparation's error as it is
     print("[safedpo] training workers start while the pairs are prepared", flush=True)
-    preempt.waiting_for_pairs(lambda: not future.done())
+    preempt.waiting_for_pairs(lambda: not announced.is_set() and not future.done())
     return fit(cfg, run_dir, future, storage=storage, started=started, root=root, model_path=model_path)
 
 
