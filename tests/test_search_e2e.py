@@ -23,8 +23,8 @@ pytestmark = pytest.mark.timeout(900)
 SMALL = [
     "data.synthetic_prompts=48", "data.synthetic_eval_prompts=16", "data.max_length=96",
     "data.max_prompt_length=40", "train.global_batch_size=8", "train.micro_batch_size=2",
-    "train.learning_rate=1e-3", "run.num_workers=2", "train.max_steps=3",
-]
+    "train.learning_rate=1e-3", "run.num_workers=1", "train.max_steps=3",
+]  # one worker per trial: two trials at once on the session's Ray (4 CPUs, 2 kept for Ray Data)
 
 
 def space(tmp_path: Path, name: str, params: dict, **settings) -> Path:
@@ -45,6 +45,10 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 def test_grid_writes_results_and_shares_one_reference_pass(ray_local, tmp_path):
+    from safedpo_ray.search.experiment import max_concurrent
+
+    spec = load_space(space(tmp_path, "grid", {"train.delta": {"grid": [0, 5]}}))
+    assert max_concurrent(base_config(None, spec, SMALL), spec, local=True) == 2  # both trials at once
     s = experiment(tmp_path, "grid", {"train.delta": {"grid": [0, 5]}})
     exp = Path(s["experiment_dir"])
     for name in ("results.csv", "results.md", "best.yaml", "pareto.png", "delta_sensitivity.png"):
@@ -134,7 +138,8 @@ def test_asha_stops_a_trial_and_frees_its_resources(ray_local, tmp_path):
 
     # lr 1e-9 cannot move the held-out accuracy from 0.5; lr 1e-3 does, so ASHA stops the former
     s = experiment(tmp_path, "asha", {"train.learning_rate": {"grid": [1e-3, 1e-9]}}, "train.max_steps=8",
-                   scheduler="asha", asha_grace_period=2, asha_reduction_factor=2, report_every=2)
+                   scheduler="asha", asha_grace_period=2, asha_reduction_factor=2, report_every=2,
+                   max_concurrent_trials=1)  # lr 1e-3 sets the rungs' bar before 1e-9 reaches them
     status = {r["train.learning_rate"]: r["status"] for r in s["rows"]}
     assert status == {1e-3: "done", 1e-9: "stopped"}
     stopped = next(r for r in s["rows"] if r["status"] == "stopped")
@@ -176,7 +181,7 @@ def test_trials_score_generations_with_cost_and_reward_models(ray_local, tmp_pat
 
 def _tune_cmd(tmp_path, *extra):
     return [sys.executable, "-m", "safedpo_ray.cli", "tune", "--space",
-            str(space(tmp_path, "kill", {"train.delta": {"grid": [0, 5]}})),
+            str(space(tmp_path, "kill", {"train.delta": {"grid": [0, 5]}}, max_concurrent_trials=1)),
             *SMALL, f"run.output_dir={tmp_path}", *extra]
 
 

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.timeout(900)
 SMALL = [
     "data.synthetic_prompts=48", "data.synthetic_eval_prompts=16", "data.max_length=96",
     "data.max_prompt_length=40", "train.global_batch_size=8", "train.micro_batch_size=2",
-    "train.learning_rate=1e-3", "run.num_workers=2", "train.max_steps=2",
+    "train.learning_rate=1e-3", "run.num_workers=1", "train.max_steps=2",
 ]
 
 
