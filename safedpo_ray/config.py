@@ -106,7 +106,7 @@ class TrainConfig:
     """Δ ≥ 0: extra margin demanded between a safe winner and an unsafe loser (0 = DPO on T(D))."""
     loss: str = "sigmoid"
     """Preference loss on T(D), Δ as its margin: 'sigmoid' (SafeDPO/DPO), 'ipo', 'robust' (rDPO),
-    'hinge' (SLiC) or 'simpo' (reference-free: no reference model at all). See safedpo_ray/loss.py."""
+    'hinge' (SLiC) or 'simpo' (reference-free: no reference model at all). See safedpo_ray/core/loss.py."""
     label_smoothing: float = 0.0
     """ε in [0, 0.5): assumed label-flip rate of the 'robust' loss (0 = the sigmoid loss)."""
     simpo_gamma: float = 0.5
@@ -421,7 +421,7 @@ def check_config(cfg: Config) -> None:
 
 
 def _check_loss(cfg: Config) -> None:
-    from safedpo_ray.loss_names import LOSS_NAMES as LOSSES
+    from safedpo_ray.core.loss_names import LOSS_NAMES as LOSSES
 
     t = cfg.train
     if t.loss not in LOSSES:

@@ -59,7 +59,7 @@ def _modes() -> tuple:
 
 
 def _losses() -> tuple:
-    from safedpo_ray.loss_names import LOSS_NAMES as LOSSES
+    from safedpo_ray.core.loss_names import LOSS_NAMES as LOSSES
 
     return tuple(LOSSES)
 

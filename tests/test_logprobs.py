@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from safedpo_ray.logprobs import sequence_logps
+from safedpo_ray.core.logprobs import sequence_logps
 
 
 def test_exact_shift_mask_sum():

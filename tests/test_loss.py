@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from safedpo_ray.loss import safedpo_loss
+from safedpo_ray.core.loss import safedpo_loss
 
 
 def t(*xs):

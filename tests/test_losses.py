@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from safedpo_ray.algorithm import safedpo_forward
-from safedpo_ray.loss import (
+from safedpo_ray.core.algorithm import safedpo_forward
+from safedpo_ray.core.loss import (
     LOSSES, REFERENCE_FREE, hinge_loss, ipo_loss, preference_loss, robust_loss, safedpo_loss, simpo_loss,
     uses_reference,
 )
@@ -176,7 +176,7 @@ def test_robust_gradient_never_vanishes():
 
 def test_registry_and_reference_free():
     assert set(LOSSES) == {"sigmoid", "ipo", "robust", "hinge", "simpo"}
-    from safedpo_ray.loss_names import LOSS_NAMES
+    from safedpo_ray.core.loss_names import LOSS_NAMES
 
     assert tuple(LOSSES) == LOSS_NAMES  # what a config is checked against, without torch
     assert LOSSES["sigmoid"] is safedpo_loss
@@ -223,7 +223,7 @@ def test_forward_dispatch_and_reference_free_skips_reference():
 
     def reference_logps(b):
         calls.append(1)
-        from safedpo_ray.algorithm import concatenated_logps
+        from safedpo_ray.core.algorithm import concatenated_logps
         return concatenated_logps(reference, b)
 
     loss, per = safedpo_forward(policy, reference_logps, batch, 0.5, 1.0, loss="simpo", simpo_gamma=0.2)

@@ -2,7 +2,7 @@ import json
 import sys
 import types
 
-from safedpo_ray.algorithm import MetricSums
+from safedpo_ray.core.algorithm import MetricSums
 from safedpo_ray.train.metrics_log import MetricsLog
 import torch
 

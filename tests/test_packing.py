@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from safedpo_ray import logp_head
-from safedpo_ray.algorithm import LAYOUT_TOLERANCE, concatenated_logps_and_lengths, layout_gap, safedpo_forward, usable_layout
+from safedpo_ray.core import logp_head
+from safedpo_ray.core.algorithm import LAYOUT_TOLERANCE, concatenated_logps_and_lengths, layout_gap, safedpo_forward, usable_layout
 from safedpo_ray.data.packing import pack_rows
 from safedpo_ray.data.tokenize import collate_pairs
-from safedpo_ray.logprobs import chunked_token_logps, sequence_logps
+from safedpo_ray.core.logprobs import chunked_token_logps, sequence_logps
 
 
 # ------------------------------------------------------------------------------ layouts by hand
@@ -221,7 +221,7 @@ def test_layout_gap_flags_a_model_that_attends_across_sequences(monkeypatch):
     layout, note = usable_layout(leaky, "shared", lambda layout: collate_pairs(rows, 0, layout=layout), "fp32")
     assert layout == "padded" and "packed: log-probs" in note
     assert usable_layout(model, "shared", lambda layout: collate_pairs(rows, 0, layout=layout), "fp32") == ("shared", "")
-    import safedpo_ray.algorithm as algorithm
+    import safedpo_ray.core.algorithm as algorithm
 
     monkeypatch.setattr(algorithm, "attention_implementation", lambda m: "flash_attention_2")  # no 4D masks
     layout, note = usable_layout(model, "shared", lambda layout: collate_pairs(rows, 0, layout=layout), "fp32")

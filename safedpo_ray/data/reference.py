@@ -80,7 +80,7 @@ class ReferenceLogps:
                  layout: str = "padded", logits_chunk_tokens: int = 0):
         import torch
 
-        from safedpo_ray import logp_head
+        from safedpo_ray.core import logp_head
         from safedpo_ray.models import load_model, load_tokenizer
 
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
@@ -97,7 +97,7 @@ class ReferenceLogps:
     def logps(self, split_uri: str, positions: list[int]) -> tuple[list[int], np.ndarray, np.ndarray]:
         import torch
 
-        from safedpo_ray.algorithm import concatenated_logps
+        from safedpo_ray.core.algorithm import concatenated_logps
         from safedpo_ray.data.tokenize import collate_pairs
         from safedpo_ray.train.pairs import PairTable
 
@@ -105,7 +105,7 @@ class ReferenceLogps:
             self.tables[split_uri] = PairTable(split_uri)
         columns = self.tables[split_uri].batch(positions)
         if not self.layout_checked:  # as the workers check it (worker.check_layout)
-            from safedpo_ray.algorithm import usable_layout
+            from safedpo_ray.core.algorithm import usable_layout
 
             self.layout_checked = True
             from safedpo_ray.data.packing import probe_pairs

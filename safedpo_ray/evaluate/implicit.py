@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from safedpo_ray.algorithm import MetricSums, concatenated_logps, safedpo_forward, tie_aware_accuracy
+from safedpo_ray.core.algorithm import MetricSums, concatenated_logps, safedpo_forward, tie_aware_accuracy
 from safedpo_ray.data.pipeline import validate_rows
 from safedpo_ray.data.sources import SYNTHETIC, read_rows
 from safedpo_ray.data.tokenize import collate_pairs, tokenize_pairs

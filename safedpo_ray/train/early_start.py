@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from safedpo_ray import storage as run_storage
 from safedpo_ray.config import Config
-from safedpo_ray.loss_names import uses_reference
+from safedpo_ray.core.loss_names import uses_reference
 
 
 def estimated_rows(plan, sample_bytes: int = 1 << 16) -> float | None:

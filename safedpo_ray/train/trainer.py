@@ -27,7 +27,7 @@ from safedpo_ray.data.prepared import (
 from safedpo_ray.data.reference import ReferencePass, reference_logps
 from safedpo_ray.data.sources import config_chunks
 from safedpo_ray.errors import UserError
-from safedpo_ray.loss_names import uses_reference
+from safedpo_ray.core.loss_names import uses_reference
 from safedpo_ray.ray_env import ensure_ray
 from safedpo_ray import storage as run_storage
 from safedpo_ray.train import faults, preempt

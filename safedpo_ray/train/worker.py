@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from safedpo_ray.algorithm import (
+from safedpo_ray.core.algorithm import (
     MetricSums,
     concatenated_logps,
     loss_options,
@@ -24,9 +24,9 @@ from safedpo_ray.algorithm import (
     usable_layout,
     tie_aware_accuracy,
 )
-from safedpo_ray import logp_head
+from safedpo_ray.core import logp_head
 from safedpo_ray.config import Config, config_from_dict
-from safedpo_ray.loss_names import uses_reference
+from safedpo_ray.core.loss_names import uses_reference
 from safedpo_ray.data.packing import probe_pairs
 from safedpo_ray.data.tokenize import collate_pairs
 from safedpo_ray.models import (
@@ -175,7 +175,7 @@ class Worker:
             return {}
         if how == "measured" or not uses_reference(self.cfg.train.loss):
             return self.evaluate()
-        from safedpo_ray.algorithm import PAIR_TYPES, pair_type_index
+        from safedpo_ray.core.algorithm import PAIR_TYPES, pair_type_index
 
         table = self.eval_pairs.table
         types = pair_type_index(torch.as_tensor(table.column("chosen_unsafe").to_numpy(zero_copy_only=False)),

@@ -203,7 +203,7 @@ def candidate_logps(model, tokenizer, world: World, *, max_length: int = 512,
     import torch
 
     from safedpo_ray.data.tokenize import collate_pairs, tokenize_pairs
-    from safedpo_ray.logprobs import sequence_logps
+    from safedpo_ray.core.logprobs import sequence_logps
 
     out = []
     for prompt in world.prompts:

@@ -10,9 +10,9 @@ from typing import Any, Callable
 
 import torch
 
-from safedpo_ray import logp_head
-from safedpo_ray.logprobs import per_sequence_sums, token_logps_from_logits
-from safedpo_ray.loss import preference_loss, uses_reference
+from safedpo_ray.core import logp_head
+from safedpo_ray.core.logprobs import per_sequence_sums, token_logps_from_logits
+from safedpo_ray.core.loss import preference_loss, uses_reference
 
 PAIR_TYPES = ("safe_safe", "safe_unsafe", "unsafe_safe", "unsafe_unsafe")
 METRICS = (
@@ -159,7 +159,7 @@ def safedpo_forward(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean loss over the batch (for backward) and per-example values (for metrics).
 
-    `loss` names a function of safedpo_ray.loss.LOSSES; a reference-free one (SimPO) never calls
+    `loss` names a function of safedpo_ray.core.loss.LOSSES; a reference-free one (SimPO) never calls
     `reference_logps`, which may then be None."""
     ref_chosen = ref_rejected = None
     if uses_reference(loss):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from safedpo_ray.loss_names import LOSS_NAMES, REFERENCE_FREE, uses_reference  # noqa: F401 (re-exported)
+from safedpo_ray.core.loss_names import LOSS_NAMES, REFERENCE_FREE, uses_reference  # noqa: F401 (re-exported)
 
 
 def safedpo_loss(

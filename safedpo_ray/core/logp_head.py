@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from safedpo_ray.logprobs import chunked_token_logps
+from safedpo_ray.core.logprobs import chunked_token_logps
 
 #: config attributes under which a model post-processes its logits after the output layer (the
 #: head's output would then no longer be the logits): such models keep the full-logits path.
