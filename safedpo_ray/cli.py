@@ -80,13 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     register_tune(sub)
     register_verify(sub)
     __import__("safedpo_ray.jobs", fromlist=["register"]).register(sub)  # submit, jobs (Ray Jobs API)
-    __import__("safedpo_ray.console", fromlist=["x"]).add_verbose_flag(sub)  # --verbose on the Ray commands
+    __import__("safedpo_ray.runtime.console", fromlist=["x"]).add_verbose_flag(sub)  # --verbose on the Ray commands
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from safedpo_ray import console  # our lines on the console; Ray's and the libraries' in <run>/logs
+    from safedpo_ray.runtime import console  # our lines on the console; Ray's and the libraries' in <run>/logs
 
     console.start(args.command, verbose=getattr(args, "verbose", False))
     code = 1

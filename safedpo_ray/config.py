@@ -333,7 +333,7 @@ def config_tree(path: str | Path | None = None, overrides: list[str] | None = No
     tree = _merge(tree, extra or {})
     for override in overrides or []:
         _set_override(tree, override)
-    from safedpo_ray.secret_guard import check_config_tree
+    from safedpo_ray.runtime.secret_guard import check_config_tree
 
     check_config_tree(tree, ConfigError)  # secrets come from the environment, never from a config
     return tree
@@ -443,7 +443,7 @@ def _check_sft(cfg: Config) -> None:
 
 def _check_cluster_keys(r: RunConfig) -> None:
     """run.storage_path, run.node_wait_timeout_s, run.worker_resources (cluster runs)."""
-    from safedpo_ray.storage import SCHEMES, scheme_of
+    from safedpo_ray.runtime.storage import SCHEMES, scheme_of
 
     if r.storage_path is not None:
         if not r.storage_path.strip():

@@ -213,7 +213,7 @@ def build_job(command: list[str], *, working_dir: Path, excludes: list[str] | No
         shipped = rel.as_posix()  # the job runs in the shipped copy of working_dir
         args[index] = shipped if args[index] == raw else f"{flag}={shipped}"
     validate(verb, ns, config)
-    from safedpo_ray.secret_guard import assert_not_in, check_job_env
+    from safedpo_ray.runtime.secret_guard import assert_not_in, check_job_env
 
     check_job_env(env or {}, _secret_env_names(verb, ns, config))  # secrets stay in the cluster's own env
     runtime_env: dict[str, Any] = {"working_dir": str(working_dir),
@@ -254,7 +254,7 @@ def _storage_unset_on_cluster(job: dict[str, Any], address: str) -> None:
     if job["verb"] != "train":
         return
     from safedpo_ray.config import load_config
-    from safedpo_ray.storage import WHAT_TO_SET
+    from safedpo_ray.runtime.storage import WHAT_TO_SET
 
     ns = job["namespace"]
     cfg = load_config(job["config"], getattr(ns, "overrides", None) or [])

@@ -9,7 +9,7 @@ def ray_local():
     import ray
 
     from safedpo_ray.config import RunConfig
-    from safedpo_ray.ray_env import ensure_ray
+    from safedpo_ray.runtime.ray_env import ensure_ray
 
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
     # The fake credentials of the tests' S3 store (tests/s3_server.py), for Ray's workers too.

@@ -27,7 +27,7 @@ class S3Server:
         self._server.start()
         self.port = self._server.get_host_and_port()[1]
         self.endpoint = f"http://127.0.0.1:{self.port}"
-        from safedpo_ray.storage import resolve
+        from safedpo_ray.runtime.storage import resolve
 
         fs, _ = resolve(self.uri("") + "&allow_bucket_creation=true")
         fs.create_dir(BUCKET)

@@ -16,7 +16,7 @@ import yaml
 from safedpo_ray.cli import build_parser
 from safedpo_ray.config import load_config
 from safedpo_ray.jobs import build_job
-from safedpo_ray.storage import is_remote
+from safedpo_ray.runtime.storage import is_remote
 
 pytestmark = pytest.mark.timeout(120)
 REPO = Path(__file__).resolve().parents[1]

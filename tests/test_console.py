@@ -1,4 +1,4 @@
-"""The console a person reads (safedpo_ray/console.py): by default our own lines only, Ray's and
+"""The console a person reads (safedpo_ray/runtime/console.py): by default our own lines only, Ray's and
 the libraries' logs in <run>/logs/console.log; `--verbose` brings them back. The runs go through
 the real `safedpo-ray` command in a subprocess, with fake secrets in its environment that must
 show up nowhere."""
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from safedpo_ray import console
+from safedpo_ray.runtime import console
 
 FAKE = {"OPENAI_API_KEY": "sk-fakejudgekey-0123456789abcdef", "HF_TOKEN": "hf_fakehubtoken0123456789abcdefgh"}
 TINY = ["data.synthetic_prompts=48", "data.synthetic_eval_prompts=12", "data.max_length=128",

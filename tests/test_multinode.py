@@ -30,7 +30,7 @@ import pytest
 import yaml
 
 from s3_server import CREDENTIALS, S3Server
-from safedpo_ray import storage
+from safedpo_ray.runtime import storage
 from safedpo_ray.cli import main as cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]

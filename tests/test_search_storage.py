@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from s3_server import S3Server
-from safedpo_ray import storage
+from safedpo_ray.runtime import storage
 from safedpo_ray.search.experiment import run_experiment
 from safedpo_ray.search.space import base_config, load_space
 

@@ -1,5 +1,5 @@
 """Secrets come from the environment only: never a config value, never in a saved config, result,
-log or job description (safedpo_ray/secret_guard.py; the train run's files: tests/test_console.py)."""
+log or job description (safedpo_ray/runtime/secret_guard.py; the train run's files: tests/test_console.py)."""
 
 import json
 import threading
@@ -13,7 +13,7 @@ from safedpo_ray.config import ConfigError, load_config
 from safedpo_ray.errors import UserError
 from safedpo_ray.evaluate.config import load_eval_config
 from safedpo_ray.jobs import DEFAULT_EXCLUDES, build_job
-from safedpo_ray.secret_guard import is_secret_name, redact
+from safedpo_ray.runtime.secret_guard import is_secret_name, redact
 
 pytestmark = pytest.mark.timeout(120)
 

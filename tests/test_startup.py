@@ -20,7 +20,7 @@ import pytest
 
 from safedpo_ray.data.schema import PKU_FIELDS, validate_row
 from safedpo_ray.data.stream import _plain_valid_pku, check_row
-from safedpo_ray.ray_env import GPU_DEVICE_PATHS
+from safedpo_ray.runtime.ray_env import GPU_DEVICE_PATHS
 
 GOOD = {"prompt": "How do I bake bread?", "response_0": "Knead and bake.", "response_1": "I cannot help.",
         "is_response_0_safe": True, "is_response_1_safe": False, "better_response_id": 0,
@@ -95,7 +95,8 @@ def test_tiny_model_is_built_once_and_copied(tmp_path):
 
 STARTUP = r"""
 import sys
-from safedpo_ray import cli, console
+from safedpo_ray import cli
+from safedpo_ray.runtime import console
 args = cli.build_parser().parse_args(["train", "run.output_dir=OUT"])
 console.start(args.command)
 from safedpo_ray.config import load_config
@@ -120,7 +121,7 @@ def test_a_command_reaches_ray_without_torch_or_transformers(tmp_path):
 
 
 def test_preparation_runs_no_more_tasks_than_cores_on_a_local_ray(monkeypatch):
-    from safedpo_ray import ray_env
+    from safedpo_ray.runtime import ray_env
 
     monkeypatch.setattr(ray_env, "_local_cores", 2)
     assert ray_env.parallel_cpus(4.0) == 2 and ray_env.parallel_cpus(1.0) == 1 and ray_env.parallel_cpus(0.5) == 1
@@ -164,7 +165,7 @@ print(vars(deepspeed.ops)["__compatible_ops__"], build_shm_op())
 LATE_IMPORT = r"""
 import logging, sys
 from pathlib import Path
-from safedpo_ray import console
+from safedpo_ray.runtime import console
 session = console.start("train")
 assert "MODULE" not in sys.modules
 session.attach(Path(sys.argv[1]))
@@ -198,7 +199,7 @@ SHUTDOWN = r"""
 import subprocess
 import ray
 from safedpo_ray.config import RunConfig
-from safedpo_ray import ray_env
+from safedpo_ray.runtime import ray_env
 ray_env.ensure_ray(RunConfig(), dashboard=False)
 monitor = ray._private.worker._global_node.all_processes["monitor"][0].process
 real = ray.shutdown

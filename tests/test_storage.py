@@ -1,4 +1,4 @@
-"""Run storage (safedpo_ray/storage.py): paths and URIs, an S3 store on 127.0.0.1, rank 0's logs
+"""Run storage (safedpo_ray/runtime/storage.py): paths and URIs, an S3 store on 127.0.0.1, rank 0's logs
 following the checkpoints, the multi-node refusal; and the fault-tolerance settings (train/faults.py)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from s3_server import S3Server
-from safedpo_ray import storage
+from safedpo_ray.runtime import storage
 from safedpo_ray.config import ConfigError, RunConfig, load_config
 
 pytestmark = pytest.mark.timeout(120)

@@ -132,7 +132,7 @@ class ReferencePass:
     compute_seconds: float  # what computing them cost when they were made
 
     def split(self, name: str) -> str:
-        from safedpo_ray import storage
+        from safedpo_ray.runtime import storage
 
         return storage.join(self.path, f"{name}.arrow")
 
@@ -179,7 +179,7 @@ def reference_logps(prepared, *, model_path: str, precision: str, cache_base: st
     stored as `<cache_base>/reference/<key>/{train,eval}.arrow`, row for row with the pairs."""
     import ray
 
-    from safedpo_ray import storage
+    from safedpo_ray.runtime import storage
 
     t0 = time.perf_counter()
     key = reference_key(prepared.key, model_fingerprint(model_path), precision=precision, layout=layout,

@@ -140,7 +140,7 @@ def _raw(row: dict[str, Any]) -> str:
 @functools.lru_cache(maxsize=4)
 def _tokenizer(path: str, trust_remote_code: bool):
     from safedpo_ray.models import load_tokenizer
-    from safedpo_ray.storage import localize
+    from safedpo_ray.runtime.storage import localize
 
     return load_tokenizer(localize(path), trust_remote_code=trust_remote_code)
 
@@ -440,7 +440,7 @@ def run_pipeline(chunks: list[Chunk], names: list[str], out_dir, params: dict[st
     ctx.execution_options.preserve_order = True  # the prepared order is the chunks' order
     # What preparation may hold: the CPUs free now (a search's running trials keep theirs), and
     # on a local Ray no more tasks than cores (each task process imports torch and transformers).
-    from safedpo_ray.ray_env import parallel_cpus
+    from safedpo_ray.runtime.ray_env import parallel_cpus
 
     ctx.execution_options.resource_limits = ExecutionResources(cpu=parallel_cpus(free_cpus()))
     specs = [{"chunk": json.dumps(asdict(c)), "seq": i} for i, c in enumerate(chunks)]

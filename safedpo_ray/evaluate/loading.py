@@ -51,7 +51,7 @@ def _run_base_model(run: Path) -> str | None:
 
 def resolve_model(path: str, *, label: str | None = None, reference: str | None = None) -> ModelSpec:
     """Where the policy weights, a LoRA adapter and the reference are for `path`."""
-    from safedpo_ray.storage import localize_run
+    from safedpo_ray.runtime.storage import localize_run
 
     path = localize_run(path)  # s3://.../run or .../run/model: fetched once (no checkpoints)
     p = Path(path)

@@ -186,7 +186,7 @@ class Evaluation:
 
     def _ray(self) -> None:
         if not self._ray_started:
-            from safedpo_ray.ray_env import ensure_ray
+            from safedpo_ray.runtime.ray_env import ensure_ray
 
             ensure_ray(_ray_run_config(self.cfg))
             self._ray_started = True
@@ -417,7 +417,7 @@ class Evaluation:
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Run every configured part; results.json/results.md/tradeoff.png land in output.dir/name."""
-    from safedpo_ray.storage import staged_output_dir
+    from safedpo_ray.runtime.storage import staged_output_dir
 
     with staged_output_dir(cfg.output) as remote:  # output.dir=s3://...: staged here, uploaded after
         results = Evaluation(cfg).run()

@@ -204,7 +204,7 @@ def load_score_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
                               "Hugging Face sequence classifiers)")
     with _quiet_transformers():
         # mismatched shapes are collected (not raised by transformers) so the error below names them
-        from safedpo_ray.safe_loading import explain_refused_pickle, weights_kwargs
+        from safedpo_ray.runtime.safe_loading import explain_refused_pickle, weights_kwargs
 
         with explain_refused_pickle(path):  # safe-rlhf releases ship pickles: torch.load(weights_only=True)
             model, info = LlamaForScore.from_pretrained(str(path), config=config, dtype=dtype, output_loading_info=True,

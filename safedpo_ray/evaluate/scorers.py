@@ -116,7 +116,7 @@ class Scorer:
         else:
             from transformers import AutoModelForSequenceClassification
 
-            from safedpo_ray.safe_loading import explain_refused_pickle, weights_kwargs
+            from safedpo_ray.runtime.safe_loading import explain_refused_pickle, weights_kwargs
 
             with explain_refused_pickle(path):  # safetensors, or torch.load(weights_only=True)
                 self.model, info = AutoModelForSequenceClassification.from_pretrained(

@@ -235,7 +235,7 @@ def train_scorer(cfg: ScorerConfig) -> dict[str, Any]:
 
     from safedpo_ray.data.pipeline import read_splits, validate_rows, write_quarantine
     from safedpo_ray.models import TINY_PRESET, build_tiny_model
-    from safedpo_ray.ray_env import ensure_ray
+    from safedpo_ray.runtime.ray_env import ensure_ray
 
     t0 = time.time()
     out = Path(cfg.scorer.output_dir).resolve()

@@ -79,7 +79,7 @@ def experiments_base(base: Config) -> tuple[Path, str | None]:
     run.storage_path on a filesystem every node mounts holds the experiments themselves; an
     object-store storage_path gets Tune's state, every trial's outputs and the result files,
     staged under run.output_dir on the driver; without it, run.output_dir (one machine)."""
-    from safedpo_ray import storage
+    from safedpo_ray.runtime import storage
 
     path = base.run.storage_path
     if path and storage.is_remote(path):
@@ -90,7 +90,7 @@ def experiments_base(base: Config) -> tuple[Path, str | None]:
 def _finished_summary(root: str) -> dict[str, Any] | None:
     """The summary of a trial whose training finished under an earlier driver that died before
     Tune recorded it (Tune saves its state every few seconds): resuming reports it, not retrains."""
-    from safedpo_ray import storage
+    from safedpo_ray.runtime import storage
 
     try:
         summary = storage.read_json(storage.join(root, "summary.json"))
@@ -115,7 +115,7 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], exp_dir: str, sha
     trials = Path(exp_dir) / "trials"
     cfg.run.output_dir, cfg.run.name, cfg.run.resume = str(trials.parent), trial_id, False
     run_dir = trials / trial_id
-    from safedpo_ray import storage as run_storage
+    from safedpo_ray.runtime import storage as run_storage
 
     # Where the trial's outputs live: the experiment directory, or (object store) its URI.
     root = run_storage.join(remote, "trials", trial_id) if remote else str(run_dir)
@@ -152,7 +152,7 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], exp_dir: str, sha
 
 
 def _remove(uri: str) -> None:
-    from safedpo_ray import storage
+    from safedpo_ray.runtime import storage
 
     fs, path = storage.resolve(uri)
     try:
@@ -205,7 +205,7 @@ def _rows(result_grid, spec: SearchSpec, base: Config) -> list[dict[str, Any]]:
 
 def _tuner(spec: SearchSpec, base: Config, exp_dir: Path, shared: dict[str, Any], local: bool, restore: bool,
            remote_base: str | None = None):
-    from safedpo_ray import storage
+    from safedpo_ray.runtime import storage
 
     remote = storage.join(remote_base, exp_dir.name) if remote_base else None
     from ray import tune
@@ -249,7 +249,7 @@ def prepare_experiment(spec: SearchSpec, base: Config, resume: str | None) -> tu
     if resume:
         exp_dir = output / resume
         if remote and not (exp_dir / SPEC_FILE).exists():
-            from safedpo_ray import storage
+            from safedpo_ray.runtime import storage
 
             for name in (SPEC_FILE, BASE_FILE):  # resuming on another machine: the saved spec
                 if storage.exists(storage.join(remote, resume, name)):
@@ -282,10 +282,10 @@ def prepare_experiment(spec: SearchSpec, base: Config, resume: str | None) -> tu
 
 def run_experiment(spec: SearchSpec, base: Config, *, resume: str | None = None) -> dict[str, Any]:
     """Run (or continue) the experiment; writes its result files and returns a summary."""
-    from safedpo_ray.ray_env import ensure_ray
+    from safedpo_ray.runtime.ray_env import ensure_ray
 
     t0 = time.time()
-    from safedpo_ray import storage
+    from safedpo_ray.runtime import storage
 
     spec, base, exp_dir = prepare_experiment(spec, base, resume)
     _, remote_base = experiments_base(base)

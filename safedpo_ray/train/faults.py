@@ -69,7 +69,7 @@ def explain(cfg: Config, error: BaseException) -> BaseException:
     if isinstance(cause, WorkerGroupStartupTimeoutError):
         r = cfg.run
         per_worker = {"CPU": r.cpus_per_worker, **({"GPU": 1} if r.use_gpu else {}), **r.worker_resources}
-        from safedpo_ray.storage import redact
+        from safedpo_ray.runtime.storage import redact
 
         where = redact(r.storage_path) if r.storage_path else "the run directory"
         return NodesDidNotComeBack(

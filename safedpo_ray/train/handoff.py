@@ -39,7 +39,7 @@ def announce(root: str, *, pairs: dict[str, str] | None = None, has_eval: bool =
              error: str | None = None) -> None:
     """The driver's side: the prepared split files (what `Prepared.pair_files()["pairs"]` gives),
     or the error that ended preparation."""
-    from safedpo_ray import storage
+    from safedpo_ray.runtime import storage
 
     payload = {"error": error} if error is not None else {"pairs": pairs, "has_eval": has_eval}
     storage.write_text(_path(root), json.dumps(payload))
@@ -50,7 +50,7 @@ def wait_for_pairs(root: str, agree: Callable[[bool], bool] | None = None, *,
     """The workers' side: {"pairs": ..., "has_eval": ...} once announced. Raises NoPairs on an
     announced error or the driver's stop marker. `agree(gave_up)` -> any rank gave up (an
     all-reduce across ranks); every rank calls it once, after its own wait."""
-    from safedpo_ray import storage
+    from safedpo_ray.runtime import storage
     from safedpo_ray.train.preempt import STOP_MARKER
 
     ready, stop = _path(root), storage.join(root, STOP_MARKER)
@@ -76,6 +76,6 @@ def wait_for_pairs(root: str, agree: Callable[[bool], bool] | None = None, *,
 
 
 def _path(root: str) -> str:
-    from safedpo_ray import storage
+    from safedpo_ray.runtime import storage
 
     return storage.join(root, READY)

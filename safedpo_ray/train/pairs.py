@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from safedpo_ray.storage import localize
+from safedpo_ray.runtime.storage import localize
 
 ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 

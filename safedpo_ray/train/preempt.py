@@ -144,7 +144,7 @@ _active: DriverSignals | None = None
 
 
 def write_marker(marker: str, signum: int) -> None:
-    from safedpo_ray import storage
+    from safedpo_ray.runtime import storage
 
     try:
         storage.write_text(marker, json.dumps({"signal": signal_name(signum), "pid": os.getpid(),
@@ -154,7 +154,7 @@ def write_marker(marker: str, signum: int) -> None:
 
 
 def clear_marker(marker: str) -> None:
-    from safedpo_ray import storage
+    from safedpo_ray.runtime import storage
 
     try:
         if storage.exists(marker):
@@ -235,7 +235,7 @@ def shutdown_ray(started_here: bool, *, timeout_s: float = 15.0) -> None:
         return
     if ray.is_initialized():
         try:
-            from safedpo_ray.ray_env import shutdown
+            from safedpo_ray.runtime.ray_env import shutdown
 
             shutdown()
         except Exception as exc:  # keep going: the processes are stopped below
@@ -313,7 +313,7 @@ def rearm() -> None:
 def run_fit(fit: Callable[[], Any], *, root: str) -> Any:
     """`fit()` (Ray Train's `trainer.fit()`), in a thread when a command guard is active so the
     main thread keeps handling signals; the stop marker of an earlier stop is removed first."""
-    from safedpo_ray import storage
+    from safedpo_ray.runtime import storage
 
     marker = storage.join(root, STOP_MARKER)
     clear_marker(marker)
@@ -463,7 +463,7 @@ class StopCheck:
     a checkpoint now and whether to stop (all ranks call `poll` at the same steps)."""
 
     def __init__(self, root: str, strategy, *, poll_interval_s: float | None = None):
-        from safedpo_ray import storage
+        from safedpo_ray.runtime import storage
 
         global _training_thread
         _training_thread = threading.current_thread()  # a worker SIGTERM waits for it only while it runs
@@ -476,7 +476,7 @@ class StopCheck:
         self._drain_saved = False
 
     def _driver_requested(self) -> bool:
-        from safedpo_ray import storage
+        from safedpo_ray.runtime import storage
 
         if self._driver_signal is not None:
             return True

@@ -25,7 +25,7 @@ from typing import Any
 from safedpo_ray.config import Config, dump_config
 from safedpo_ray.data.pipeline import read_splits, validate_rows, write_quarantine
 from safedpo_ray.data.sft import PLAIN, SFT_COLUMNS, examples_dataset, format_sft_stats, sft_schema, validate_plain_rows
-from safedpo_ray.ray_env import ensure_ray
+from safedpo_ray.runtime.ray_env import ensure_ray
 from safedpo_ray.train import preempt
 from safedpo_ray.train.trainer import _check_resources, _check_run_dir, resolve_model, run_dir_for
 

@@ -28,8 +28,8 @@ from safedpo_ray.data.reference import ReferencePass, reference_logps
 from safedpo_ray.data.sources import config_chunks
 from safedpo_ray.errors import UserError
 from safedpo_ray.core.loss_names import uses_reference
-from safedpo_ray.ray_env import ensure_ray
-from safedpo_ray import storage as run_storage
+from safedpo_ray.runtime.ray_env import ensure_ray
+from safedpo_ray.runtime import storage as run_storage
 from safedpo_ray.train import faults, preempt
 from safedpo_ray.train.early_start import overlaps_preparation
 
@@ -105,7 +105,7 @@ def torch_threads(run) -> int:
     """Intra-op threads for each training worker: its reserved CPUs; on a local Ray this process
     started, at least its share of the machine's cores (Ray's workers start with one thread, and a
     single worker on a laptop would leave the other cores idle)."""
-    from safedpo_ray import ray_env
+    from safedpo_ray.runtime import ray_env
 
     threads = max(1, int(run.cpus_per_worker))
     local = getattr(ray_env, "_local_cores", None)

@@ -37,7 +37,7 @@ from safedpo_ray.models import (
     make_reference_copy,
     reference_logits_context,
 )
-from safedpo_ray.storage import RunOutputs, current_node_id
+from safedpo_ray.runtime.storage import RunOutputs, current_node_id
 from safedpo_ray.train import checkpoints, handoff, preempt
 from safedpo_ray.train.metrics_log import MetricsLog
 from safedpo_ray.train.pairs import PairTable

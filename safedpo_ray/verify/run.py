@@ -211,7 +211,7 @@ def _with_ray(fn):
             return fn(*args, **kwargs)
         finally:
             if started and ray.is_initialized():
-                from safedpo_ray.ray_env import shutdown
+                from safedpo_ray.runtime.ray_env import shutdown
 
                 shutdown()
     return wrapped

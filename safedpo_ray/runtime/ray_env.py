@@ -7,7 +7,7 @@ from pathlib import Path
 
 from safedpo_ray.config import RunConfig
 
-# Environment that made Ray Train + DeepSpeed quiet and reliable on CPU (see README, "CPU notes").
+# Environment that made Ray Train + DeepSpeed quiet and reliable on CPU (see docs/training.md, "CPU notes").
 LOCAL_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",  # each ray.train.report otherwise blocks ~1.5 s
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
@@ -34,7 +34,7 @@ def ensure_ray(run: RunConfig, *, dashboard: bool = True) -> None:
     """
     import ray
 
-    from safedpo_ray import console
+    from safedpo_ray.runtime import console
 
     if ray.is_initialized():
         console.ray_ready(run)

@@ -97,7 +97,7 @@ class Session:
 
     # -- the file ------------------------------------------------------------------------------
     def write(self, text: str) -> None:
-        from safedpo_ray.secret_guard import redact
+        from safedpo_ray.runtime.secret_guard import redact
 
         text = _ANSI.sub("", redact(text))
         with self.lock:
@@ -213,7 +213,7 @@ class Session:
         name = getattr(run, "name", None)
         if name:
             try:
-                from safedpo_ray.storage import local_run_dir
+                from safedpo_ray.runtime.storage import local_run_dir
 
                 run_dir = local_run_dir(run, name)
                 if run_dir.is_dir():
@@ -275,7 +275,7 @@ class Session:
                     continue
                 self.write(f"{prefix} {line}\n")
                 if not self.verbose and line.lstrip().startswith(TAGS):
-                    from safedpo_ray.secret_guard import redact
+                    from safedpo_ray.runtime.secret_guard import redact
 
                     with self.lock:
                         print(redact(line), file=sys.stdout, flush=True)
@@ -286,7 +286,7 @@ class Session:
     def finish(self, failed: bool = False) -> None:
         if self.owns_ray:  # the command that started Ray stops it, while its output still comes here
             try:
-                from safedpo_ray.ray_env import shutdown
+                from safedpo_ray.runtime.ray_env import shutdown
 
                 shutdown()
             except Exception:  # pragma: no cover
@@ -316,7 +316,7 @@ def start(command: str, verbose: bool = False) -> Session | None:
         return None
     finish()
     _session = Session(command, verbose)
-    from safedpo_ray.ray_env import driver_accelerator_env
+    from safedpo_ray.runtime.ray_env import driver_accelerator_env
 
     name = driver_accelerator_env()  # a cause of a warning, fixed (not hidden) in both modes
     if name:
