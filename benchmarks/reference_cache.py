@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from safedpo_ray.config import load_config
+from safedpo_ray.config.training import load_config
 from safedpo_ray.train.trainer import train
 
 

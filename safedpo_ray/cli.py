@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from safedpo_ray.config import ConfigError, dump_config, load_config
+from safedpo_ray.config.training import ConfigError, dump_config, load_config
 from safedpo_ray.errors import UserError
 
 

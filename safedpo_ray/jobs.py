@@ -148,7 +148,7 @@ def validate(verb: str, ns: argparse.Namespace | None, config: Path | None) -> N
         return
     overrides = getattr(ns, "overrides", None) or []
     if verb in ("train", "prepare"):
-        from safedpo_ray.config import load_config
+        from safedpo_ray.config.training import load_config
 
         load_config(config, overrides)
     elif verb == "evaluate":
@@ -175,7 +175,7 @@ def build_job(command: list[str], *, working_dir: Path, excludes: list[str] | No
               env: dict[str, str] | None = None) -> dict[str, Any]:
     """Check a job's command line here and make what is submitted: {"entrypoint", "runtime_env",
     "verb", "config"}. Raises JobsError (usage), ConfigError (configuration)."""
-    from safedpo_ray.config import ConfigError
+    from safedpo_ray.config.training import ConfigError
 
     if command and command[0] == "--":
         command = command[1:]
@@ -253,7 +253,7 @@ def _storage_unset_on_cluster(job: dict[str, Any], address: str) -> None:
     start); say so before shipping. Unknown node counts and other verbs pass."""
     if job["verb"] != "train":
         return
-    from safedpo_ray.config import load_config
+    from safedpo_ray.config.training import load_config
     from safedpo_ray.runtime.storage import WHAT_TO_SET
 
     ns = job["namespace"]

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from safedpo_ray.config import TINY_PRESET  # noqa: F401  (defined torch-free there; re-exported)
+from safedpo_ray.config.training import TINY_PRESET  # noqa: F401  (defined torch-free there; re-exported)
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ def ray_local():
     """One local Ray for the whole session (starting Ray costs ~4 s)."""
     import ray
 
-    from safedpo_ray.config import RunConfig
+    from safedpo_ray.config.training import RunConfig
     from safedpo_ray.runtime.ray_env import ensure_ray
 
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")

@@ -23,7 +23,7 @@ from test_packing import as_lora, random_pairs, tiny_llama  # noqa: E402
 
 from safedpo_ray.core import logp_head  # noqa: E402
 from safedpo_ray.core.algorithm import safedpo_forward  # noqa: E402
-from safedpo_ray.config import load_config  # noqa: E402
+from safedpo_ray.config.training import load_config  # noqa: E402
 from safedpo_ray.data.tokenize import collate_pairs  # noqa: E402
 from safedpo_ray.train.strategy import DeepSpeedStrategy  # noqa: E402
 

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from safedpo_ray.cli import main as cli_main
-from safedpo_ray.config import load_config
+from safedpo_ray.config.training import load_config
 from safedpo_ray.data.files import BOM, SourceError
 from safedpo_ray.data.prepared import check_pairs, precheck, sample_texts
 from safedpo_ray.data.schema import PKU_FIELDS, to_pku

@@ -14,7 +14,7 @@ import ray
 import yaml
 
 from safedpo_ray.cli import build_parser
-from safedpo_ray.config import load_config
+from safedpo_ray.config.training import load_config
 from safedpo_ray.jobs import build_job
 from safedpo_ray.runtime.storage import is_remote
 

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 import safedpo_ray
-from safedpo_ray.config import Config, ConfigError, load_config
+from safedpo_ray.config.training import Config, ConfigError, load_config
 
 CONFIGS = Path(safedpo_ray.__file__).parent / "configs"
 
@@ -72,7 +72,7 @@ def test_unknown_key_in_yaml(tmp_path):
 
 
 def test_round_trip_for_workers():
-    from safedpo_ray.config import config_from_dict
+    from safedpo_ray.config.training import config_from_dict
 
     cfg = load_config(None, ["train.delta=3"])
     assert config_from_dict(cfg.to_dict()) == cfg

@@ -1,5 +1,5 @@
 """Every configuration key with a fixed set of values or a range is checked, and a bad value's
-message names the key, the value and what is allowed (safedpo_ray/config_checks.py)."""
+message names the key, the value and what is allowed (safedpo_ray/config/rules.py)."""
 
 import dataclasses
 import math
@@ -8,8 +8,8 @@ import typing
 
 import pytest
 
-from safedpo_ray.config import Config, ConfigError, load_config
-from safedpo_ray.config_checks import FREE, RULES, Choice, Range, rule_for
+from safedpo_ray.config.training import Config, ConfigError, load_config
+from safedpo_ray.config.rules import FREE, RULES, Choice, Range, rule_for
 
 
 def leaf_keys(cls, prefix=""):
@@ -33,7 +33,7 @@ KEYS = dict(leaf_keys(Config))
 
 def test_every_key_has_a_rule_or_is_free_by_design():
     unclassified = sorted(k for k in KEYS if k not in RULES and k not in FREE)
-    assert not unclassified, f"new config keys without a rule in config_checks.RULES (or listed in FREE): {unclassified}"
+    assert not unclassified, f"new config keys without a rule in rules.RULES (or listed in FREE): {unclassified}"
     assert not [k for k in RULES if k not in KEYS] and not [k for k in FREE if k not in KEYS]
     numeric = [k for k, tp in KEYS.items() if base_type(tp) in (int, float)]
     assert all(k in RULES for k in numeric if k not in ("train.seed",)), "every number has a range"

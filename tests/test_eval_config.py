@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from safedpo_ray.config import ConfigError
+from safedpo_ray.config.training import ConfigError
 from safedpo_ray.evaluate.config import GenerationConfig, load_eval_config, load_scorer_config
 from safedpo_ray.evaluate.loading import EvalError, resolve_model
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from safedpo_ray.cli import main as cli
-from safedpo_ray.config import ConfigError
+from safedpo_ray.config.training import ConfigError
 from safedpo_ray.jobs import DEFAULT_EXCLUDES, JobsError, build_job
 
 pytestmark = pytest.mark.timeout(120)

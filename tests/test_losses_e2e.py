@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from safedpo_ray.config import load_config
+from safedpo_ray.config.training import load_config
 from safedpo_ray.train.trainer import train
 
 pytestmark = pytest.mark.timeout(300)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from safedpo_ray.config import load_config
+from safedpo_ray.config.training import load_config
 from safedpo_ray.train.trainer import prepare
 
 pytestmark = pytest.mark.timeout(300)

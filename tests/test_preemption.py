@@ -171,7 +171,7 @@ def test_driver_signal_handler(tmp_path):
 GUARD_SCRIPT = """
 import os, signal, sys, threading, time
 from pathlib import Path
-from safedpo_ray.config import RunConfig
+from safedpo_ray.config.training import RunConfig
 from safedpo_ray.errors import UserError
 from safedpo_ray.train import preempt
 
@@ -280,7 +280,7 @@ def shared_out(tmp_path_factory):
 
 
 def _train(out: Path, name: str, *extra: str) -> dict:
-    from safedpo_ray.config import load_config
+    from safedpo_ray.config.training import load_config
     from safedpo_ray.train.trainer import train
 
     return train(load_config(None, SMALL + [f"run.output_dir={out}", f"run.name={name}", "train.max_steps=6",

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from safedpo_ray.config import load_config
+from safedpo_ray.config.training import load_config
 from safedpo_ray.search.experiment import run_experiment
 from safedpo_ray.search.space import base_config, load_space
 from safedpo_ray.train.trainer import train

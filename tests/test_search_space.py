@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from safedpo_ray.config import ConfigError, load_config
+from safedpo_ray.config.training import ConfigError, load_config
 from safedpo_ray.search.space import (
     SPACES_DIR,
     apply_params,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from safedpo_ray.cli import main as cli
-from safedpo_ray.config import ConfigError, load_config
+from safedpo_ray.config.training import ConfigError, load_config
 from safedpo_ray.errors import UserError
 from safedpo_ray.evaluate.config import load_eval_config
 from safedpo_ray.jobs import DEFAULT_EXCLUDES, build_job

@@ -4,7 +4,7 @@ whose response loss falls in a few steps. The Ray runs are in tests/test_sft_cha
 import pytest
 import torch
 
-from safedpo_ray.config import ConfigError, load_config
+from safedpo_ray.config.training import ConfigError, load_config
 from safedpo_ray.data.schema import SchemaError
 from safedpo_ray.data.sft import (
     PLAIN, collate_examples, held_out_examples, sft_examples, sft_schema, tokenize_examples, validate_plain_rows,

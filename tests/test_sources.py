@@ -8,7 +8,7 @@ import pytest
 
 from safedpo_ray.data.pipeline import DataError, read_splits, validate_rows, write_quarantine
 from safedpo_ray.data.sources import SourceError, prompt_in_eval, read_rows
-from safedpo_ray.config import DataConfig
+from safedpo_ray.config.training import DataConfig
 
 GOOD = {"prompt": "p", "response_0": "a", "response_1": "b", "is_response_0_safe": True,
         "is_response_1_safe": False, "better_response_id": 1, "safer_response_id": 0, "severity": 2}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from safedpo_ray.config import load_config
+from safedpo_ray.config.training import load_config
 from safedpo_ray.data.synthetic import make_synthetic_rows
 from safedpo_ray.data.stream import DataError
 from safedpo_ray.train import handoff, preempt

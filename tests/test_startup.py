@@ -70,7 +70,7 @@ def test_fast_row_check_leaves_other_shapes_to_the_full_check():
 
 
 def test_tiny_model_is_built_once_and_copied(tmp_path):
-    from safedpo_ray.config import load_config
+    from safedpo_ray.config.training import load_config
     from safedpo_ray.models import build_tiny_model
     from safedpo_ray.train.trainer import resolve_model
 
@@ -99,7 +99,7 @@ from safedpo_ray import cli
 from safedpo_ray.runtime import console
 args = cli.build_parser().parse_args(["train", "run.output_dir=OUT"])
 console.start(args.command)
-from safedpo_ray.config import load_config
+from safedpo_ray.config.training import load_config
 from safedpo_ray.train.trainer import plan_data
 cfg = load_config(None, args.overrides)
 plan_data(cfg)
@@ -150,7 +150,7 @@ def test_deepspeed_shm_op_off_without_probing_every_op():
     code = r"""
 import os, sys
 os.environ["DS_ACCELERATOR"] = "cpu"
-from safedpo_ray.config import load_config
+from safedpo_ray.config.training import load_config
 from safedpo_ray.train.strategy import DeepSpeedStrategy
 DeepSpeedStrategy(load_config(None, []), on_gpu=False)
 import deepspeed
@@ -198,7 +198,7 @@ def test_late_imported_libraries_log_to_the_file(tmp_path, module, logger):
 SHUTDOWN = r"""
 import subprocess
 import ray
-from safedpo_ray.config import RunConfig
+from safedpo_ray.config.training import RunConfig
 from safedpo_ray.runtime import ray_env
 ray_env.ensure_ray(RunConfig(), dashboard=False)
 monitor = ray._private.worker._global_node.all_processes["monitor"][0].process

@@ -11,7 +11,7 @@ import pytest
 
 from s3_server import S3Server
 from safedpo_ray.runtime import storage
-from safedpo_ray.config import ConfigError, RunConfig, load_config
+from safedpo_ray.config.training import ConfigError, RunConfig, load_config
 
 pytestmark = pytest.mark.timeout(120)
 

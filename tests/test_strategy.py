@@ -2,7 +2,7 @@
 
 import pytest
 
-from safedpo_ray.config import load_config
+from safedpo_ray.config.training import load_config
 from safedpo_ray.train.strategy import build_ds_config
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from safedpo_ray.config import load_config
+from safedpo_ray.config.training import load_config
 from safedpo_ray.models import load_model
 from safedpo_ray.train.trainer import RunError, train
 

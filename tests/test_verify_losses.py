@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from safedpo_ray.config import ConfigError
+from safedpo_ray.config.training import ConfigError
 from safedpo_ray.verify.optima import LossSpec, comparison_weights, flip_labels, loss_optimum
 from safedpo_ray.verify.world import (
     DEFAULT_WORLD, Candidate, Prompt, pi_star, safe_part, sample_rows, tv_distance, unsafe_mass,

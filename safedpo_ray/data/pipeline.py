@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safedpo_ray.config import DataConfig
+from safedpo_ray.config.training import DataConfig
 from safedpo_ray.data.schema import PKU_FIELDS, SchemaError, detect_schema, to_pku, validate_row
 from safedpo_ray.data.sources import SYNTHETIC, is_hub_id, prompt_in_eval, read_rows
 from safedpo_ray.data.stream import DataError  # noqa: F401  (re-exported)

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from safedpo_ray.config import ConfigError
+from safedpo_ray.config.training import ConfigError
 
 
 def _common(p: argparse.ArgumentParser) -> None:

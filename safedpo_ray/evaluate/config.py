@@ -1,6 +1,6 @@
 """Typed configuration of `safedpo-ray evaluate` and `safedpo-ray train-scorer`.
 
-Same rules as `safedpo_ray.config`: dataclasses from YAML, `a.b=value` overrides, unknown keys and
+Same rules as `safedpo_ray.config.training`: dataclasses from YAML, `a.b=value` overrides, unknown keys and
 wrong types are errors naming the key, cross-field checks at load time.
 
     cfg = load_eval_config("safedpo_ray/configs/eval-tiny.yaml", ["generation.num_actors=4"])
@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from safedpo_ray.config import (
+from safedpo_ray.config.training import (
     Config,
     ConfigError,
     DataConfig,

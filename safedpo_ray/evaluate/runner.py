@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from safedpo_ray.config import RunConfig
+from safedpo_ray.config.training import RunConfig
 from safedpo_ray.evaluate.cache import EvalCache, generation_key, implicit_key, item_key, scorer_key
 from safedpo_ray.evaluate.config import EvalConfig, dump_yaml
 from safedpo_ray.evaluate.generate import check_engine, generate_with_ray, prompt_rows

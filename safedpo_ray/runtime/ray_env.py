@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from safedpo_ray.config import RunConfig
+from safedpo_ray.config.training import RunConfig
 
 # Environment that made Ray Train + DeepSpeed quiet and reliable on CPU (see docs/training.md, "CPU notes").
 LOCAL_ENV = {

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from safedpo_ray.config import Config, ConfigError, _build, config_from_dict, dump_config
+from safedpo_ray.config.training import Config, ConfigError, _build, config_from_dict, dump_config
 from safedpo_ray.errors import UserError
 from safedpo_ray.search.report import table, write_results
 from safedpo_ray.search.scoring import write_held_out_prompts

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from safedpo_ray.config import Config
+from safedpo_ray.config.training import Config
 from safedpo_ray.search.select import pareto_front, safest, select_best
 from safedpo_ray.search.space import SearchSpec, apply_params
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from safedpo_ray.config import Config
+from safedpo_ray.config.training import Config
 from safedpo_ray.search.space import SearchSpec
 
 HELD_OUT_PROMPTS = "heldout_prompts.jsonl"

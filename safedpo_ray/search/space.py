@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from safedpo_ray.config import Config, ConfigError, _build, _set_override, check_config, config_from_dict
+from safedpo_ray.config.training import Config, ConfigError, _build, _set_override, check_config, config_from_dict
 
 SPACES_DIR = Path(__file__).parent / "spaces"
 DEFAULT_SPACE = "quick"
@@ -272,7 +272,7 @@ def param_space(spec: SearchSpec) -> dict[str, Any]:
 
 def base_config(path: str | Path | None, spec: SearchSpec, overrides: list[str]) -> Config:
     """The training config every trial starts from: file ← the space's overrides ← command line."""
-    from safedpo_ray.config import load_config
+    from safedpo_ray.config.training import load_config
 
     cfg = load_config(path, list(spec.overrides) + list(overrides))
     check_config(cfg)

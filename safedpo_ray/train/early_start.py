@@ -4,7 +4,7 @@ decided before any row is read; `trainer.train_while_preparing` does it."""
 from __future__ import annotations
 
 from safedpo_ray.runtime import storage as run_storage
-from safedpo_ray.config import Config
+from safedpo_ray.config.training import Config
 from safedpo_ray.core.loss_names import uses_reference
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from safedpo_ray.config import Config
+from safedpo_ray.config.training import Config
 from safedpo_ray.errors import UserError
 
 TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"

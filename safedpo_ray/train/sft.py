@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safedpo_ray.config import Config, dump_config
+from safedpo_ray.config.training import Config, dump_config
 from safedpo_ray.data.pipeline import read_splits, validate_rows, write_quarantine
 from safedpo_ray.data.sft import PLAIN, SFT_COLUMNS, examples_dataset, format_sft_stats, sft_schema, validate_plain_rows
 from safedpo_ray.runtime.ray_env import ensure_ray
@@ -155,7 +155,7 @@ def format_sft_summary(summary: dict[str, Any]) -> str:
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
-    from safedpo_ray.config import load_config
+    from safedpo_ray.config.training import load_config
 
     cfg = load_config(args.config, args.overrides)
     with preempt.command_guard(cfg.run):  # SIGTERM/SIGINT: checkpoint, stop; nothing of ours left after

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from safedpo_ray.config import Config, config_from_dict
+from safedpo_ray.config.training import Config, config_from_dict
 from safedpo_ray.data.sft import collate_examples
 from safedpo_ray.core.logprobs import sequence_logps
 from safedpo_ray.models import apply_lora, export_model, is_peft_model, load_model, load_tokenizer

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-from safedpo_ray.config import Config
+from safedpo_ray.config.training import Config
 from safedpo_ray.train.checkpoints import write_manifest
 
 CHECKPOINT_TAG = "state"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safedpo_ray.config import TINY_PRESET, Config, dump_config
+from safedpo_ray.config.training import TINY_PRESET, Config, dump_config
 from safedpo_ray.data.prepared import (
     PreparedData,
     cache_base,

@@ -25,7 +25,7 @@ from safedpo_ray.core.algorithm import (
     tie_aware_accuracy,
 )
 from safedpo_ray.core import logp_head
-from safedpo_ray.config import Config, config_from_dict
+from safedpo_ray.config.training import Config, config_from_dict
 from safedpo_ray.core.loss_names import uses_reference
 from safedpo_ray.data.packing import probe_pairs
 from safedpo_ray.data.tokenize import collate_pairs

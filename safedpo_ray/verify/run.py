@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from safedpo_ray.config import Config, ConfigError, load_config
+from safedpo_ray.config.training import Config, ConfigError, load_config
 from safedpo_ray.verify.optima import UNKNOWN_OPTIMUM, ZERO_UNSAFE, LossSpec, flip_labels, loss_optimum
 from safedpo_ray.verify.world import (
     DEFAULT_WORLD, Candidate, Prompt, World, bt_fit, candidate_distributions, dpo_optimum, pi_star, safe_part,

@@ -162,7 +162,7 @@ def check_rules(cfg: Any, error: Callable[[str], Exception] | None = None) -> No
     """Raise ConfigError (or `error(msg)`) for the first key whose value breaks its rule. A key
     whose value is None is unset (optional keys); a key the config does not have is skipped."""
     if error is None:
-        from safedpo_ray.config import ConfigError as error  # noqa: N813
+        from safedpo_ray.config.training import ConfigError as error  # noqa: N813
     missing = object()
     for key in RULES:
         value = value_at(cfg, key, missing)

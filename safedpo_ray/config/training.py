@@ -354,9 +354,9 @@ def config_from_dict(values: dict[str, Any]) -> Config:
 
 
 def check_config(cfg: Config) -> None:
-    from safedpo_ray.config_checks import check_rules
+    from safedpo_ray.config.rules import check_rules
 
-    check_rules(cfg)  # every key's choices and range (config_checks.RULES); cross-key checks below
+    check_rules(cfg)  # every key's choices and range (rules.RULES); cross-key checks below
     d, t, r = cfg.data, cfg.train, cfg.run
     if d.mode not in MODES:
         raise ConfigError(f"'data.mode' must be one of {', '.join(MODES)}, got '{d.mode}'")
