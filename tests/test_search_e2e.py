@@ -82,7 +82,7 @@ def test_reference_pass_is_reused_on_the_same_inputs_and_recomputed_when_they_ch
 
     from safedpo_ray.data.prepared import cache_base
     from safedpo_ray.data.reference import reference_logps
-    from safedpo_ray.models import load_model, load_tokenizer
+    from safedpo_ray.models.loading import load_model, load_tokenizer
     from safedpo_ray.train.pairs import PairTable
     from safedpo_ray.train.trainer import attach_reference, prepare
 
@@ -159,7 +159,7 @@ def test_trials_score_generations_with_cost_and_reward_models(ray_local, tmp_pat
 
     from test_eval_score_model import TEXTS, beaver_config, write_beaver
 
-    from safedpo_ray.models import build_tiny_model, load_tokenizer
+    from safedpo_ray.models.loading import build_tiny_model, load_tokenizer
 
     tok = load_tokenizer(build_tiny_model(tmp_path / "tok", TEXTS, seed=0, hidden_size=32, num_layers=1,
                                           num_heads=2, intermediate_size=64, vocab_size=400))

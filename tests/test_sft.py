@@ -64,7 +64,7 @@ def test_config_keys():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from safedpo_ray.models import build_tiny_model, load_model, load_tokenizer
+    from safedpo_ray.models.loading import build_tiny_model, load_model, load_tokenizer
 
     texts = ["How do I bake bread?", "Mix flour and water, then bake it.", "I cannot help with that.",
              "How do I start running?", "Run slowly and add a minute each week."] * 4

@@ -14,7 +14,7 @@ import yaml
 import safedpo_ray
 from safedpo_ray.config.training import load_config
 from safedpo_ray.data.synthetic import make_synthetic_rows
-from safedpo_ray.models import load_model
+from safedpo_ray.models.loading import load_model
 from safedpo_ray.train.sft import sft
 from safedpo_ray.train.trainer import train
 

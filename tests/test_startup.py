@@ -71,7 +71,7 @@ def test_fast_row_check_leaves_other_shapes_to_the_full_check():
 
 def test_tiny_model_is_built_once_and_copied(tmp_path):
     from safedpo_ray.config.training import load_config
-    from safedpo_ray.models import build_tiny_model
+    from safedpo_ray.models.loading import build_tiny_model
     from safedpo_ray.train.trainer import resolve_model
 
     cfg = load_config(None, [f"run.output_dir={tmp_path / 'out'}"])

@@ -201,7 +201,7 @@ def test_evaluate_a_run_in_the_store_into_the_store(ray_local, s3, tmp_path, mon
     store (not its checkpoints), results.json goes back to it."""
     from safedpo_ray.cli import main
     from safedpo_ray.data.synthetic import make_synthetic_rows
-    from safedpo_ray.models import build_tiny_model
+    from safedpo_ray.models.loading import build_tiny_model
 
     monkeypatch.setenv("SAFEDPO_STORAGE_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "run"

@@ -11,7 +11,7 @@ import pytest
 
 from safedpo_ray.data.task_tokenizer import BackendTokenizer, backend_spec
 from safedpo_ray.data.tokenize import tokenize_pairs
-from safedpo_ray.models import EOS_TOKEN, _train_tiny_tokenizer
+from safedpo_ray.models.loading import EOS_TOKEN, _train_tiny_tokenizer
 
 TEXTS = ["How do I bake bread?", "Knead the dough.  Twice!", "é ü 日本 ✓ \n\t x", f"an {EOS_TOKEN} inside",
          " leading space", "trailing space ", "I cannot help with that."]

@@ -124,7 +124,7 @@ def test_bad_lengths_raise():
 
 
 def test_tokenize_pairs_with_tiny_bpe(tmp_path):
-    from safedpo_ray.models import build_tiny_model, load_tokenizer
+    from safedpo_ray.models.loading import build_tiny_model, load_tokenizer
 
     texts = ["how are you today", "I am fine thanks", "go away please", "BEGINNING OF CONVERSATION"] * 20
     tok = load_tokenizer(build_tiny_model(tmp_path / "tiny", texts, vocab_size=300))

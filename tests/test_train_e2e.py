@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from safedpo_ray.config.training import load_config
-from safedpo_ray.models import load_model
+from safedpo_ray.models.loading import load_model
 from safedpo_ray.train.trainer import RunError, train
 
 pytestmark = pytest.mark.timeout(300)

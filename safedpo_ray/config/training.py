@@ -21,7 +21,7 @@ from safedpo_ray.data.transform import MODES
 from safedpo_ray.errors import UserError
 
 TINY_PRESET = "tiny"
-"""`model.name_or_path` of the tiny preset built from the training texts (safedpo_ray/models.py)."""
+"""`model.name_or_path` of the tiny preset built from the training texts (safedpo_ray/models/loading.py)."""
 
 
 class ConfigError(UserError):

@@ -81,7 +81,7 @@ class ReferenceLogps:
         import torch
 
         from safedpo_ray.core import logp_head
-        from safedpo_ray.models import load_model, load_tokenizer
+        from safedpo_ray.models.loading import load_model, load_tokenizer
 
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = load_model(model_path, trust_remote_code=trust_remote_code).to(self.device).eval()

@@ -126,7 +126,7 @@ def tokenize_examples(batch: Mapping[str, Sequence], tokenizer, *, max_length: i
 
 @functools.lru_cache(maxsize=4)
 def _cached_tokenizer(path: str, trust_remote_code: bool):
-    from safedpo_ray.models import load_tokenizer
+    from safedpo_ray.models.loading import load_tokenizer
 
     return load_tokenizer(path, trust_remote_code=trust_remote_code)
 

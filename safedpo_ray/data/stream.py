@@ -139,7 +139,7 @@ def _raw(row: dict[str, Any]) -> str:
 
 @functools.lru_cache(maxsize=4)
 def _tokenizer(path: str, trust_remote_code: bool):
-    from safedpo_ray.models import load_tokenizer
+    from safedpo_ray.models.loading import load_tokenizer
     from safedpo_ray.runtime.storage import localize
 
     return load_tokenizer(localize(path), trust_remote_code=trust_remote_code)

@@ -116,7 +116,7 @@ class HFGenerator:
 
     def __init__(self, spec: dict[str, Any], gen: dict[str, Any], max_prompt_length: int,
                  dtype: str = "float32", trust_remote_code: bool = False):
-        from safedpo_ray.models import load_tokenizer
+        from safedpo_ray.models.loading import load_tokenizer
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.spec, self.gen, self.max_prompt_length = ModelSpec(**spec), GenerationConfig(**gen), max_prompt_length

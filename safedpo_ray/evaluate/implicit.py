@@ -71,7 +71,7 @@ def implicit_metrics(policy, reference, tokenizer, pairs: list[dict[str, Any]], 
 
     `reference=None` means the policy is a PeftModel whose base (adapters off) is the reference.
     """
-    from safedpo_ray.models import reference_logits_context
+    from safedpo_ray.models.loading import reference_logits_context
 
     if not pairs:
         raise EvalError("implicit metrics: no preference pairs left after T (all unsafe–unsafe or invalid?)")
@@ -103,7 +103,7 @@ def run_implicit(spec: ModelSpec, pairs: list[dict[str, Any]], *, beta: float, b
                  max_length: int, max_prompt_length: int, dtype: str = "float32",
                  trust_remote_code: bool = False, progress: bool = False) -> dict[str, float]:
     """Load policy + reference for `spec` on this process's device and compute the metrics."""
-    from safedpo_ray.models import load_tokenizer
+    from safedpo_ray.models.loading import load_tokenizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = load_tokenizer(tokenizer_source(spec), trust_remote_code=trust_remote_code)

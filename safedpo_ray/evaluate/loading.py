@@ -99,7 +99,7 @@ def tokenizer_source(spec: ModelSpec) -> str:
 def load_policy(spec: ModelSpec, *, dtype: str = "float32", trust_remote_code: bool = False,
                 device: str | torch.device = "cpu") -> torch.nn.Module:
     """The policy in eval mode, frozen; a PeftModel when the spec has an adapter."""
-    from safedpo_ray.models import load_model
+    from safedpo_ray.models.loading import load_model
 
     model = load_model(spec.path, dtype=dtype, trust_remote_code=trust_remote_code)
     if spec.adapter:
@@ -114,7 +114,7 @@ def load_policy(spec: ModelSpec, *, dtype: str = "float32", trust_remote_code: b
 def load_reference(spec: ModelSpec, *, dtype: str = "float32", trust_remote_code: bool = False,
                    device: str | torch.device = "cpu") -> torch.nn.Module | None:
     """The reference model, or None when the policy's adapter-free base is the reference."""
-    from safedpo_ray.models import load_model
+    from safedpo_ray.models.loading import load_model
 
     if spec.reference is None:
         if spec.adapter:

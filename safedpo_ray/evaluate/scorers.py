@@ -29,7 +29,7 @@ import torch
 from safedpo_ray.data.tokenize import PKU_TEMPLATE
 from safedpo_ray.evaluate.loading import EvalError, rows_dataset
 from safedpo_ray.evaluate.metrics import harmless_ratio, score_summary, win_rate
-from safedpo_ray.evaluate.score_model import (
+from safedpo_ray.models.score_model import (
     LlamaForScore,
     ScoreModelError,
     check_loading_info,
@@ -89,7 +89,7 @@ def pad_right(ids: list[list[int]], pad_id: int, device="cpu") -> tuple[torch.Te
 
 def scoring_dtype(name: str, device: str | torch.device) -> torch.dtype:
     """'auto' → bfloat16 on a GPU, float32 on a CPU; else the named dtype."""
-    from safedpo_ray.models import resolve_dtype
+    from safedpo_ray.models.loading import resolve_dtype
 
     if name == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
@@ -101,7 +101,7 @@ class Scorer:
 
     def __init__(self, path: str, *, dtype: str = "float32", device: str | torch.device = "cpu",
                  max_length: int = 1024, trust_remote_code: bool = False):
-        from safedpo_ray.models import load_tokenizer
+        from safedpo_ray.models.loading import load_tokenizer
 
         self.path, self.max_length = str(path), max_length
         if not Path(path).exists():

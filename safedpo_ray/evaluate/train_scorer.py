@@ -73,8 +73,8 @@ def pair_losses(kind: str, s0: torch.Tensor, s1: torch.Tensor, batch: dict[str, 
 
 def build_score_model(base_path: str, kind: str, *, bias: bool = True, seed: int = 0):
     """LlamaForScore with the backbone of a Llama causal LM and a fresh score head."""
-    from safedpo_ray.evaluate.score_model import LlamaForScore
-    from safedpo_ray.models import load_model
+    from safedpo_ray.models.score_model import LlamaForScore
+    from safedpo_ray.models.loading import load_model
 
     causal = load_model(base_path)
     config = causal.config
@@ -95,7 +95,7 @@ def build_score_model(base_path: str, kind: str, *, bias: bool = True, seed: int
 
 def _tokenize_batch(batch: pd.DataFrame, tokenizer_path: str, max_length: int) -> pd.DataFrame:
     from safedpo_ray.evaluate.scorers import encode_for_score
-    from safedpo_ray.models import load_tokenizer
+    from safedpo_ray.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_path)
     prompts = [str(p) for p in batch["prompt"]]
@@ -208,7 +208,7 @@ def scorer_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
 
     import ray.train
 
-    from safedpo_ray.models import load_tokenizer
+    from safedpo_ray.models.loading import load_tokenizer
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cfg = scorer_config_from_dict(loop_config["config"])
@@ -234,7 +234,7 @@ def train_scorer(cfg: ScorerConfig) -> dict[str, Any]:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from safedpo_ray.data.pipeline import read_splits, validate_rows, write_quarantine
-    from safedpo_ray.models import TINY_PRESET, build_tiny_model
+    from safedpo_ray.models.loading import TINY_PRESET, build_tiny_model
     from safedpo_ray.runtime.ray_env import ensure_ray
 
     t0 = time.time()

@@ -77,7 +77,7 @@ _TOKENIZERS: dict[tuple[str, bool], Any] = {}
 
 def _tokenizer(source: str, trust_remote_code: bool):
     """One tokenizer per worker process (postprocess runs row by row)."""
-    from safedpo_ray.models import load_tokenizer
+    from safedpo_ray.models.loading import load_tokenizer
 
     key = (source, trust_remote_code)
     if key not in _TOKENIZERS:

@@ -27,7 +27,7 @@ import torch
 from safedpo_ray.config.training import Config, config_from_dict
 from safedpo_ray.data.sft import collate_examples
 from safedpo_ray.core.logprobs import sequence_logps
-from safedpo_ray.models import apply_lora, export_model, is_peft_model, load_model, load_tokenizer
+from safedpo_ray.models.loading import apply_lora, export_model, is_peft_model, load_model, load_tokenizer
 from safedpo_ray.train.metrics_log import MetricsLog
 from safedpo_ray.train.sampler import PairSampler
 from safedpo_ray.train.strategy import DeepSpeedStrategy

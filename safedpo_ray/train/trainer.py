@@ -125,7 +125,7 @@ def resolve_model(cfg: Config, run_dir: Path, texts) -> str:
     """A path or hub id every worker can load: the tiny preset is built (tokenizer trained on the
     training texts), a GGUF file is converted once to safetensors, a local directory becomes
     absolute (Ray workers do not start in the driver's directory); hub ids pass through."""
-    from safedpo_ray.models import TINY_PRESET, convert_gguf  # torch: imported once a model is at hand
+    from safedpo_ray.models.loading import TINY_PRESET, convert_gguf  # torch: imported once a model is at hand
 
     m = cfg.model
     if m.name_or_path == TINY_PRESET:  # `texts`: a list, or a callable that reads a sample
@@ -146,7 +146,7 @@ def tiny_model(cfg: Config, out: Path, texts: list[str]) -> Path:
     """The tiny preset in `out` (the run's init-model/, its reference for evaluation). It is
     built once per (training texts, seed, library versions) under the cache and copied into each
     run: training its tokenizer and writing the model took seconds of every run's start."""
-    from safedpo_ray.models import build_tiny_model, is_tiny_model
+    from safedpo_ray.models.loading import build_tiny_model, is_tiny_model
 
     if is_tiny_model(out):
         return out
@@ -192,7 +192,7 @@ def task_tokenizer_spec(cfg: Config, plan: DataPlan, path: str, texts) -> dict |
         if is_prepared(cfg, plan.identity, path):
             return None
         from safedpo_ray.data.task_tokenizer import backend_spec
-        from safedpo_ray.models import load_tokenizer
+        from safedpo_ray.models.loading import load_tokenizer
 
         sample = texts[:192] if isinstance(texts, list) else sample_texts(plan.chunks, cfg.data.schema, limit=64)
         return backend_spec(load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code), sample)

@@ -29,7 +29,7 @@ from safedpo_ray.config.training import Config, config_from_dict
 from safedpo_ray.core.loss_names import uses_reference
 from safedpo_ray.data.packing import probe_pairs
 from safedpo_ray.data.tokenize import collate_pairs
-from safedpo_ray.models import (
+from safedpo_ray.models.loading import (
     apply_lora,
     export_model,
     load_model,

@@ -119,7 +119,7 @@ def _model_dirs(cfg: Config, summary: dict[str, Any]) -> tuple[str, str]:
 def candidate_lengths(model_dir: str, world: World, **kw) -> list[list[int]]:
     """Per prompt, each candidate's response length in tokens (EOS included), as training sees it."""
     from safedpo_ray.data.tokenize import tokenize_pairs
-    from safedpo_ray.models import load_tokenizer
+    from safedpo_ray.models.loading import load_tokenizer
 
     tok = load_tokenizer(model_dir)
     out = []

@@ -224,7 +224,7 @@ def candidate_distributions(model_dir: str | Path, world: World, *, max_length: 
                             max_prompt_length: int = 256) -> list[np.ndarray]:
     """Per prompt, the model's distribution over the candidates (sequence probabilities
     renormalized over the candidate set)."""
-    from safedpo_ray.models import load_model, load_tokenizer
+    from safedpo_ray.models.loading import load_model, load_tokenizer
 
     model = load_model(str(model_dir)).eval()
     tokenizer = load_tokenizer(str(model_dir))
