@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from safedpo_ray.cli import main as cli_main
+from safedpo_ray.cli.main import main as cli_main
 from safedpo_ray.config.training import load_config
 from safedpo_ray.data.files import BOM, SourceError
 from safedpo_ray.data.prepared import check_pairs, precheck, sample_texts
@@ -448,7 +448,7 @@ def test_cli_subprocess_whole_file_problems_exit_2_without_ray(tmp_path):
     """The real command: exit 2, one line on stderr, no Ray (a patched ray.init would exit 1)."""
     (tmp_path / "cols.jsonl").write_text(json.dumps({"q": "x", "a": "y"}) + "\n")
     code = ("import sys, ray; ray.init = lambda *a, **k: sys.exit('RAY WAS STARTED'); "
-            "from safedpo_ray.cli import main; sys.exit(main(sys.argv[1:]))")
+            "from safedpo_ray.cli.main import main; sys.exit(main(sys.argv[1:]))")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     runs = []
     for source in (tmp_path / "cols.jsonl", "data/no-such.jsonl"):

@@ -13,9 +13,9 @@ import pytest
 import ray
 import yaml
 
-from safedpo_ray.cli import build_parser
+from safedpo_ray.cli.main import build_parser
 from safedpo_ray.config.training import load_config
-from safedpo_ray.jobs import build_job
+from safedpo_ray.cli.jobs import build_job
 from safedpo_ray.runtime.storage import is_remote
 
 pytestmark = pytest.mark.timeout(120)

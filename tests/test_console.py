@@ -122,7 +122,7 @@ def test_worker_output_is_sorted_without_ray(tmp_path, monkeypatch, capsys):
 
 
 def test_only_ray_commands_get_a_console_and_verbose():
-    from safedpo_ray.cli import build_parser
+    from safedpo_ray.cli.main import build_parser
 
     parser = build_parser()
     assert parser.parse_args(["train", "--verbose"]).verbose

@@ -1,5 +1,5 @@
 """`safedpo-ray submit` / `jobs` without a cluster: what is checked before anything is shipped, what
-is shipped, and the messages and exit codes (safedpo_ray/jobs.py). Real jobs: tests/test_multinode.py."""
+is shipped, and the messages and exit codes (safedpo_ray/cli/jobs.py). Real jobs: tests/test_multinode.py."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import time
 import pytest
 import yaml
 
-from safedpo_ray.cli import main as cli
+from safedpo_ray.cli.main import main as cli
 from safedpo_ray.config.training import ConfigError
-from safedpo_ray.jobs import DEFAULT_EXCLUDES, JobsError, build_job
+from safedpo_ray.cli.jobs import DEFAULT_EXCLUDES, JobsError, build_job
 
 pytestmark = pytest.mark.timeout(120)
 UNREACHABLE = "http://127.0.0.1:9"  # discard port: nothing listens

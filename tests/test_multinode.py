@@ -31,7 +31,7 @@ import yaml
 
 from s3_server import CREDENTIALS, S3Server
 from safedpo_ray.runtime import storage
-from safedpo_ray.cli import main as cli
+from safedpo_ray.cli.main import main as cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -155,7 +155,7 @@ def submit(cluster, job_dir: Path, capsys, *job_args: str, wait: bool = False) -
 def client(dashboard: str):
     """A JobSubmissionClient for this cluster, whatever RAY_ADDRESS/RAY_API_SERVER_ADDRESS say
     (another test's local Ray sets the latter in this process)."""
-    from safedpo_ray.jobs import connect
+    from safedpo_ray.cli.jobs import connect
 
     return connect(dashboard)
 

@@ -211,6 +211,6 @@ def test_resume_after_the_driver_is_killed_runs_only_unfinished_trials(tmp_path)
 
 
 def test_resume_of_unknown_experiment_is_a_clear_error(tmp_path):
-    from safedpo_ray.cli import main
+    from safedpo_ray.cli.main import main
 
     assert main(["tune", "--resume", "nope", f"run.output_dir={tmp_path}"]) == 2

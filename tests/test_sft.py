@@ -126,7 +126,7 @@ def test_response_loss_falls_on_a_tiny_model(tiny):
 
 
 def test_cli_verb_and_summary():
-    from safedpo_ray.cli import build_parser
+    from safedpo_ray.cli.main import build_parser
     from safedpo_ray.train.sft import format_sft_summary
 
     args = build_parser().parse_args(["sft", "--config", "x.yaml", "sft.responses=all_safe", "train.epochs=1"])

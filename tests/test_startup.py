@@ -95,7 +95,7 @@ def test_tiny_model_is_built_once_and_copied(tmp_path):
 
 STARTUP = r"""
 import sys
-from safedpo_ray import cli
+from safedpo_ray.cli import main as cli
 from safedpo_ray.runtime import console
 args = cli.build_parser().parse_args(["train", "run.output_dir=OUT"])
 console.start(args.command)

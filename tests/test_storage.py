@@ -199,7 +199,7 @@ def test_node_wait_timeout_and_message(monkeypatch):
 def test_evaluate_a_run_in_the_store_into_the_store(ray_local, s3, tmp_path, monkeypatch, capsys):
     """`evaluate --model s3://.../RUN --output s3://...`: the run's model and reference come from the
     store (not its checkpoints), results.json goes back to it."""
-    from safedpo_ray.cli import main
+    from safedpo_ray.cli.main import main
     from safedpo_ray.data.synthetic import make_synthetic_rows
     from safedpo_ray.models.loading import build_tiny_model
 

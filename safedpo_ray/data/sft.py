@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     import pandas as pd
     import torch
 # pandas and torch are imported where they are used: the `sft` verb is registered by every
-# command's argument parser (safedpo_ray/cli.py), which should not pay for them.
+# command's argument parser (safedpo_ray/cli/main.py), which should not pay for them.
 
 RESPONSES = ("helpful_safe", "all_safe")
 PLAIN_FIELDS = ("prompt", "response")

@@ -164,7 +164,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    """Add the `sft` verb to an argparse subparsers object (safedpo_ray/cli.py)."""
+    """Add the `sft` verb to an argparse subparsers object (safedpo_ray/cli/main.py)."""
     help_ = "supervised fine-tuning on safe responses (Ray Train + DeepSpeed): the step before SafeDPO"
     p = subparsers.add_parser("sft", help=help_, description=help_)
     p.add_argument("--config", type=Path, default=None, help="YAML config file (default: built-in defaults)")

@@ -9,7 +9,7 @@
 `verify` exits 0 when every check passes (SafeDPO unsafe mass < 0.05 and ≤ reference/10, TV of
 its safe part to π* < 0.1, plain DPO unsafe mass ≥ 5× SafeDPO's, on every prompt), 1 otherwise.
 
-In safedpo_ray/cli.py:
+In safedpo_ray/cli/main.py:
 
     from safedpo_ray.verify.commands import register as register_verify
     register_verify(sub)          # `sub` = parser.add_subparsers(...)

@@ -116,7 +116,7 @@ def alive_node_count(address: str) -> int | None:
 
 
 def _subcommands() -> dict[str, argparse.ArgumentParser]:
-    from safedpo_ray.cli import build_parser
+    from safedpo_ray.cli.main import build_parser
 
     parser = build_parser()
     for action in parser._actions:  # the sub-command table of `safedpo-ray`

@@ -8,7 +8,7 @@
     safedpo-ray evaluate --model runs/NAME ...      # implicit rewards, generation, scoring, XSTest
     safedpo-ray train-scorer ...                    # cost / reward models for evaluation
     safedpo-ray verify | delta-study                # check training against SafeDPO's closed-form optimum
-    safedpo-ray submit -- train --config my.yaml    # the same as a job on a Ray cluster (safedpo_ray/jobs.py)
+    safedpo-ray submit -- train --config my.yaml    # the same as a job on a Ray cluster (safedpo_ray/cli/jobs.py)
     safedpo-ray jobs list | status ID | logs ID [--follow] | stop ID
 """
 
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_tune(sub)
     register_verify(sub)
-    __import__("safedpo_ray.jobs", fromlist=["register"]).register(sub)  # submit, jobs (Ray Jobs API)
+    __import__("safedpo_ray.cli.jobs", fromlist=["register"]).register(sub)  # submit, jobs (Ray Jobs API)
     __import__("safedpo_ray.runtime.console", fromlist=["x"]).add_verbose_flag(sub)  # --verbose on the Ray commands
     return parser
 
