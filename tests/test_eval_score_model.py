@@ -202,7 +202,7 @@ def test_scoring_dtype(tok, tmp_path):
 
 def test_train_scorer_writes_score_bias(tok, tokenizer_dir, tmp_path):
     """Our own score models carry safe-rlhf's key and load back strictly."""
-    from safedpo_ray.evaluate.train_scorer import build_score_model
+    from safedpo_ray.train.scorer import build_score_model
 
     model = build_score_model(str(tokenizer_dir), "cost", bias=True, seed=0)
     model.save_pretrained(tmp_path / "cost")

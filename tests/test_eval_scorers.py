@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from safedpo_ray.evaluate.scorers import LlamaForScore, Scorer, harmless_ratio, score_summary, score_text, win_rate
-from safedpo_ray.evaluate.train_scorer import cost_loss, pair_losses, reward_loss
+from safedpo_ray.train.scorer import cost_loss, pair_losses, reward_loss
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -93,7 +93,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_train_scorer(args: argparse.Namespace) -> int:
     from safedpo_ray.evaluate.config import load_scorer_config
     from safedpo_ray.evaluate.loading import EvalError
-    from safedpo_ray.evaluate.train_scorer import format_scorer_summary, train_scorer
+    from safedpo_ray.train.scorer import format_scorer_summary, train_scorer
 
     tree: dict[str, Any] = {}
     for key, value in (("data.source", args.data), ("scorer.base_model", args.base), ("scorer.kind", args.kind),
