@@ -4,3 +4,7 @@ their message and exits 2 instead of showing a traceback."""
 
 class UserError(ValueError):
     """A problem in what the user asked for; the message says what and where."""
+
+
+class ConfigError(UserError):
+    """A configuration problem; the message names the key."""

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from safedpo_ray.config.training import ConfigError
-from safedpo_ray.evaluate.config import GenerationConfig, load_eval_config, load_scorer_config
-from safedpo_ray.evaluate.loading import EvalError, resolve_model
+from safedpo_ray.config.evaluation import GenerationConfig, load_eval_config, load_scorer_config
+from safedpo_ray.models.resolve import EvalError, resolve_model
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from safedpo_ray.evaluate.config import GenerationConfig
+from safedpo_ray.config.evaluation import GenerationConfig
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -138,7 +138,7 @@ def test_stop_tokens_and_truncation_on_both_engines(tiny_dir):
 def test_inputs_go_to_the_models_device(tiny_dir, monkeypatch):
     """Every generation path puts the prompt tensors on the model's device (meta stands in for a GPU)."""
     from safedpo_ray.evaluate import generate as generate_module
-    from safedpo_ray.evaluate.loading import ModelSpec
+    from safedpo_ray.models.resolve import ModelSpec
 
     tok = make_tokenizer(tiny_dir, chat=False, adds_bos=False)
     gen = GenerationConfig(max_new_tokens=2, batch_size=2)

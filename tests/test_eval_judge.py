@@ -7,7 +7,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from safedpo_ray.evaluate.config import JudgeConfig
+from safedpo_ray.config.evaluation import JudgeConfig
 from safedpo_ray.evaluate.judge import (
     JudgeError,
     judge_pairwise,

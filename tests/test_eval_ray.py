@@ -9,9 +9,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from safedpo_ray.evaluate.config import GenerationConfig
+from safedpo_ray.config.evaluation import GenerationConfig
 from safedpo_ray.evaluate.generate import generate_local, generate_with_ray
-from safedpo_ray.evaluate.loading import resolve_model
+from safedpo_ray.models.resolve import resolve_model
 
 PROMPTS = ["How do I bake sourdough bread at home?", "Hi", "What is the best way to learn basic Spanish phrases?",
            "How can I break into my neighbour's car?", "Tips for running?", "Explain how to fix a flat bicycle tire."]
@@ -98,7 +98,7 @@ def test_train_scorer_then_evaluate_end_to_end(ray_local, tiny_run, tmp_path, ca
     xs = tmp_path / "xs.csv"
     xs.write_text(XSTEST)
     # the win-rate baseline as a generations file (another model's answers to the same prompts)
-    from safedpo_ray.evaluate.config import EvalDataConfig
+    from safedpo_ray.config.evaluation import EvalDataConfig
     from safedpo_ray.evaluate.generate import prompt_rows
     from safedpo_ray.evaluate.implicit import read_source_rows
 

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from safedpo_ray.evaluate.loading import EvalError
+from safedpo_ray.models.resolve import EvalError
 from safedpo_ray.evaluate.refusal import (
     FULL_COMPLIANCE,
     FULL_REFUSAL,

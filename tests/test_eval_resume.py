@@ -9,7 +9,7 @@ import pytest
 
 from safedpo_ray.evaluate import runner
 from safedpo_ray.evaluate.commands import main
-from safedpo_ray.evaluate.config import load_eval_config
+from safedpo_ray.config.evaluation import load_eval_config
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -6,7 +6,7 @@ import pytest
 
 from safedpo_ray.data.stream import PAIR_SCHEMA, SplitWriter, pair_id, row_location
 from safedpo_ray.data.tokenize import collate_pairs
-from safedpo_ray.train.pairs import PairTable, open_split
+from safedpo_ray.data.pairs import PairTable, open_split
 
 
 def write_split(path, n, seed=0):

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def _pairs(prepared, split="train"):
-    from safedpo_ray.train.pairs import open_split
+    from safedpo_ray.data.pairs import open_split
 
     return open_split(prepared.data.split(split)).to_pylist()
 

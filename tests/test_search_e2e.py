@@ -83,7 +83,7 @@ def test_reference_pass_is_reused_on_the_same_inputs_and_recomputed_when_they_ch
     from safedpo_ray.data.prepared import cache_base
     from safedpo_ray.data.reference import reference_logps
     from safedpo_ray.models.loading import load_model, load_tokenizer
-    from safedpo_ray.train.pairs import PairTable
+    from safedpo_ray.data.pairs import PairTable
     from safedpo_ray.train.trainer import attach_reference, prepare
 
     def prepared(name, *extra):

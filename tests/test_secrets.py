@@ -11,7 +11,7 @@ import pytest
 from safedpo_ray.cli.main import main as cli
 from safedpo_ray.config.training import ConfigError, load_config
 from safedpo_ray.errors import UserError
-from safedpo_ray.evaluate.config import load_eval_config
+from safedpo_ray.config.evaluation import load_eval_config
 from safedpo_ray.cli.jobs import DEFAULT_EXCLUDES, build_job
 from safedpo_ray.runtime.secret_guard import is_secret_name, redact
 

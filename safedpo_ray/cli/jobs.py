@@ -30,7 +30,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from safedpo_ray.cli.main import build_parser
+from safedpo_ray.config.evaluation import load_eval_config, load_scorer_config
+from safedpo_ray.config.training import ConfigError, load_config
 from safedpo_ray.errors import UserError
+from safedpo_ray.evaluate.commands import eval_flags
+from safedpo_ray.runtime.secret_guard import assert_not_in, check_job_env
+from safedpo_ray.runtime.storage import WHAT_TO_SET
+from safedpo_ray.search.space import base_config, load_space, split_overrides
+from safedpo_ray.verify.run import load_verify_config
 
 SUBMIT_VERBS = ("train", "prepare", "tune", "evaluate", "train-scorer", "verify")
 # Never shipped with a job: version control, environments, outputs and caches.
@@ -47,7 +55,6 @@ TUNNEL_HINT = ("the dashboard/job server is not exposed outside the cluster by d
 
 class JobsError(UserError):
     """A job command that cannot be done; `exit_code` is what the CLI returns."""
-
     def __init__(self, message: str, exit_code: int = 2):
         super().__init__(message)
         self.exit_code = exit_code
@@ -116,8 +123,6 @@ def alive_node_count(address: str) -> int | None:
 
 
 def _subcommands() -> dict[str, argparse.ArgumentParser]:
-    from safedpo_ray.cli.main import build_parser
-
     parser = build_parser()
     for action in parser._actions:  # the sub-command table of `safedpo-ray`
         if isinstance(action, argparse._SubParsersAction):
@@ -148,25 +153,14 @@ def validate(verb: str, ns: argparse.Namespace | None, config: Path | None) -> N
         return
     overrides = getattr(ns, "overrides", None) or []
     if verb in ("train", "prepare"):
-        from safedpo_ray.config.training import load_config
-
         load_config(config, overrides)
     elif verb == "evaluate":
-        from safedpo_ray.evaluate.commands import eval_flags
-        from safedpo_ray.evaluate.config import load_eval_config
-
         load_eval_config(config, overrides, eval_flags(ns))
     elif verb == "train-scorer":
-        from safedpo_ray.evaluate.config import load_scorer_config
-
         load_scorer_config(config, overrides)
     elif verb == "verify":
-        from safedpo_ray.verify.run import load_verify_config
-
         load_verify_config(config, overrides)
     elif verb == "tune":
-        from safedpo_ray.search.space import base_config, load_space, split_overrides
-
         search_overrides, train_overrides = split_overrides(overrides)
         base_config(config, load_space(getattr(ns, "space", None), search_overrides), train_overrides)
 
@@ -175,7 +169,6 @@ def build_job(command: list[str], *, working_dir: Path, excludes: list[str] | No
               env: dict[str, str] | None = None) -> dict[str, Any]:
     """Check a job's command line here and make what is submitted: {"entrypoint", "runtime_env",
     "verb", "config"}. Raises JobsError (usage), ConfigError (configuration)."""
-    from safedpo_ray.config.training import ConfigError
 
     if command and command[0] == "--":
         command = command[1:]
@@ -213,7 +206,6 @@ def build_job(command: list[str], *, working_dir: Path, excludes: list[str] | No
         shipped = rel.as_posix()  # the job runs in the shipped copy of working_dir
         args[index] = shipped if args[index] == raw else f"{flag}={shipped}"
     validate(verb, ns, config)
-    from safedpo_ray.runtime.secret_guard import assert_not_in, check_job_env
 
     check_job_env(env or {}, _secret_env_names(verb, ns, config))  # secrets stay in the cluster's own env
     runtime_env: dict[str, Any] = {"working_dir": str(working_dir),
@@ -230,8 +222,6 @@ def _secret_env_names(verb: str, ns: argparse.Namespace | None, config: Path | N
     """Variables the job's configuration reads a secret from (evaluate: judge.api_key_env)."""
     if verb != "evaluate" or ns is None:
         return []
-    from safedpo_ray.evaluate.commands import eval_flags
-    from safedpo_ray.evaluate.config import load_eval_config
 
     return [load_eval_config(config, getattr(ns, "overrides", None) or [], eval_flags(ns)).judge.api_key_env or ""]
 
@@ -253,8 +243,6 @@ def _storage_unset_on_cluster(job: dict[str, Any], address: str) -> None:
     start); say so before shipping. Unknown node counts and other verbs pass."""
     if job["verb"] != "train":
         return
-    from safedpo_ray.config.training import load_config
-    from safedpo_ray.runtime.storage import WHAT_TO_SET
 
     ns = job["namespace"]
     cfg = load_config(job["config"], getattr(ns, "overrides", None) or [])

@@ -20,6 +20,11 @@ from pathlib import Path
 
 from safedpo_ray.config.training import ConfigError, dump_config, load_config
 from safedpo_ray.errors import UserError
+from safedpo_ray.evaluate.commands import register as register_evaluate
+from safedpo_ray.runtime import console
+from safedpo_ray.search.commands import register as register_tune
+from safedpo_ray.train.preempt import command_guard
+from safedpo_ray.verify.commands import register as register_verify
 
 
 def _load(args: argparse.Namespace):
@@ -27,8 +32,7 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from safedpo_ray.train.preempt import command_guard
-    from safedpo_ray.train.trainer import format_summary, train
+    from safedpo_ray.train.trainer import format_summary, train  # lazy: imports pyarrow
 
     cfg = _load(args)
     # SIGTERM/SIGINT: checkpoint, stop, exit 143/130; at the end nothing we started keeps running
@@ -38,8 +42,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from safedpo_ray.data.pipeline import format_stats
-    from safedpo_ray.train.trainer import plan_data, prepare, run_dir_for
+    from safedpo_ray.data.pipeline import format_stats  # lazy: imports pyarrow
+    from safedpo_ray.train.trainer import plan_data, prepare, run_dir_for  # lazy: imports pyarrow
 
     cfg = _load(args)
     plan = plan_data(cfg)  # a bad source is reported before Ray starts
@@ -68,14 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", type=Path, default=None, help="YAML config file (default: built-in defaults)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. train.beta=0.05")
         p.set_defaults(fn=fn)
-    from safedpo_ray.evaluate.commands import register as register_evaluate
-    from safedpo_ray.verify.commands import register as register_verify
 
-    from safedpo_ray.train.sft import register as register_sft
+    from safedpo_ray.train.sft import register as register_sft  # lazy: imports pyarrow
 
     register_sft(sub)
     register_evaluate(sub)
-    from safedpo_ray.search.commands import register as register_tune
 
     register_tune(sub)
     register_verify(sub)
@@ -86,7 +87,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from safedpo_ray.runtime import console  # our lines on the console; Ray's and the libraries' in <run>/logs
 
     console.start(args.command, verbose=getattr(args, "verbose", False))
     code = 1

@@ -16,6 +16,10 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from safedpo_ray.config.choices import MODES, SFT_RESPONSES
+from safedpo_ray.core.loss_names import LOSS_NAMES
+from safedpo_ray.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Choice:
@@ -53,21 +57,15 @@ class Range:
 
 
 def _modes() -> tuple:
-    from safedpo_ray.data.transform import MODES
-
     return tuple(MODES)
 
 
 def _losses() -> tuple:
-    from safedpo_ray.core.loss_names import LOSS_NAMES as LOSSES
-
-    return tuple(LOSSES)
+    return tuple(LOSS_NAMES)
 
 
 def _sft_responses() -> tuple:
-    from safedpo_ray.data.sft import RESPONSES
-
-    return tuple(RESPONSES)
+    return tuple(SFT_RESPONSES)
 
 
 POSITIVE, NON_NEGATIVE, AT_LEAST_ONE = Range(0, lo_open=True), Range(0), Range(1)
@@ -162,7 +160,7 @@ def check_rules(cfg: Any, error: Callable[[str], Exception] | None = None) -> No
     """Raise ConfigError (or `error(msg)`) for the first key whose value breaks its rule. A key
     whose value is None is unset (optional keys); a key the config does not have is skipped."""
     if error is None:
-        from safedpo_ray.config.training import ConfigError as error  # noqa: N813
+        error = ConfigError
     missing = object()
     for key in RULES:
         value = value_at(cfg, key, missing)

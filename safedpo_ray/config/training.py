@@ -17,15 +17,15 @@ from typing import Any
 
 import yaml
 
-from safedpo_ray.data.transform import MODES
-from safedpo_ray.errors import UserError
+from safedpo_ray.config.choices import MODES, SFT_RESPONSES
+from safedpo_ray.config.rules import check_rules
+from safedpo_ray.core.loss_names import LOSS_NAMES as LOSSES
+from safedpo_ray.errors import ConfigError
+from safedpo_ray.runtime.secret_guard import check_config_tree
+from safedpo_ray.runtime.storage import SCHEMES, scheme_of
 
 TINY_PRESET = "tiny"
 """`model.name_or_path` of the tiny preset built from the training texts (safedpo_ray/models/loading.py)."""
-
-
-class ConfigError(UserError):
-    """A configuration problem; the message names the key."""
 
 
 @dataclass
@@ -333,8 +333,6 @@ def config_tree(path: str | Path | None = None, overrides: list[str] | None = No
     tree = _merge(tree, extra or {})
     for override in overrides or []:
         _set_override(tree, override)
-    from safedpo_ray.runtime.secret_guard import check_config_tree
-
     check_config_tree(tree, ConfigError)  # secrets come from the environment, never from a config
     return tree
 
@@ -354,8 +352,6 @@ def config_from_dict(values: dict[str, Any]) -> Config:
 
 
 def check_config(cfg: Config) -> None:
-    from safedpo_ray.config.rules import check_rules
-
     check_rules(cfg)  # every key's choices and range (rules.RULES); cross-key checks below
     d, t, r = cfg.data, cfg.train, cfg.run
     if d.mode not in MODES:
@@ -421,8 +417,6 @@ def check_config(cfg: Config) -> None:
 
 
 def _check_loss(cfg: Config) -> None:
-    from safedpo_ray.core.loss_names import LOSS_NAMES as LOSSES
-
     t = cfg.train
     if t.loss not in LOSSES:
         raise ConfigError(f"'train.loss' must be one of {', '.join(LOSSES)}, got '{t.loss}'")
@@ -435,16 +429,12 @@ def _check_loss(cfg: Config) -> None:
 
 
 def _check_sft(cfg: Config) -> None:
-    from safedpo_ray.data.sft import RESPONSES
-
-    if cfg.sft.responses not in RESPONSES:
-        raise ConfigError(f"'sft.responses' must be one of {', '.join(RESPONSES)}, got '{cfg.sft.responses}'")
+    if cfg.sft.responses not in SFT_RESPONSES:
+        raise ConfigError(f"'sft.responses' must be one of {', '.join(SFT_RESPONSES)}, got '{cfg.sft.responses}'")
 
 
 def _check_cluster_keys(r: RunConfig) -> None:
     """run.storage_path, run.node_wait_timeout_s, run.worker_resources (cluster runs)."""
-    from safedpo_ray.runtime.storage import SCHEMES, scheme_of
-
     if r.storage_path is not None:
         if not r.storage_path.strip():
             raise ConfigError("'run.storage_path' is empty: unset it or give a path or URI")

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
+from safedpo_ray.data.synthetic import make_synthetic_rows
 from safedpo_ray.errors import UserError
 
 SYNTHETIC = "synthetic"
@@ -459,7 +460,6 @@ def _after_blank_lines(lines):
 
 class _Prepend(io.RawIOBase):
     """A raw stream that first returns `head`, then the rest of `stream`."""
-
     def __init__(self, head: bytes, stream):
         self.head, self.stream = head, stream
 
@@ -503,8 +503,6 @@ def _hub_rows(chunk: Chunk, max_row_bytes: int) -> Iterator[dict[str, Any]]:
 
 
 def _synthetic_rows(chunk: Chunk, max_row_bytes: int) -> Iterator[dict[str, Any]]:
-    from safedpo_ray.data.synthetic import make_synthetic_rows
-
     o = chunk.options
     for i, row in enumerate(make_synthetic_rows(o["prompts"], seed=o["seed"], split=o["split"]), start=1):
         yield {**row, "row_number": i}

@@ -24,6 +24,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from safedpo_ray.data.pairs import PairTable, open_split
+from safedpo_ray.data.tokenize import collate_pairs
+from safedpo_ray.runtime import storage
+
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 _COMPLETE = "complete.json"
 _FULL_HASH_LIMIT = 512 * 2**20  # files above this are fingerprinted by size, mtime and sampled chunks
@@ -80,8 +84,8 @@ class ReferenceLogps:
                  layout: str = "padded", logits_chunk_tokens: int = 0):
         import torch
 
-        from safedpo_ray.core import logp_head
-        from safedpo_ray.models.loading import load_model, load_tokenizer
+        from safedpo_ray.core import logp_head  # lazy: imports torch
+        from safedpo_ray.models.loading import load_model, load_tokenizer  # lazy: imports torch
 
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = load_model(model_path, trust_remote_code=trust_remote_code).to(self.device).eval()
@@ -97,18 +101,16 @@ class ReferenceLogps:
     def logps(self, split_uri: str, positions: list[int]) -> tuple[list[int], np.ndarray, np.ndarray]:
         import torch
 
-        from safedpo_ray.core.algorithm import concatenated_logps
-        from safedpo_ray.data.tokenize import collate_pairs
-        from safedpo_ray.train.pairs import PairTable
+        from safedpo_ray.core.algorithm import concatenated_logps  # lazy: imports torch
 
         if split_uri not in self.tables:
             self.tables[split_uri] = PairTable(split_uri)
         columns = self.tables[split_uri].batch(positions)
         if not self.layout_checked:  # as the workers check it (worker.check_layout)
-            from safedpo_ray.core.algorithm import usable_layout
+            from safedpo_ray.core.algorithm import usable_layout  # lazy: imports torch
 
             self.layout_checked = True
-            from safedpo_ray.data.packing import probe_pairs
+            from safedpo_ray.data.packing import probe_pairs  # lazy: imports torch
 
             probe = probe_pairs(columns)
             self.layout, _ = usable_layout(self.model, self.layout, lambda layout: {
@@ -132,8 +134,6 @@ class ReferencePass:
     compute_seconds: float  # what computing them cost when they were made
 
     def split(self, name: str) -> str:
-        from safedpo_ray.runtime import storage
-
         return storage.join(self.path, f"{name}.arrow")
 
     def describe(self) -> str:
@@ -160,7 +160,6 @@ def _reference_pass(split_uri: str, n: int, *, actors, batches) -> pa.Table:
     """Reference log-probs of a prepared split, one micro-batch per call, over an actor pool."""
     from ray.util import ActorPool
 
-    from safedpo_ray.train.pairs import open_split
 
     chosen, rejected = np.zeros(n), np.zeros(n)
     for positions, c, r in ActorPool(actors).map_unordered(
@@ -179,7 +178,6 @@ def reference_logps(prepared, *, model_path: str, precision: str, cache_base: st
     stored as `<cache_base>/reference/<key>/{train,eval}.arrow`, row for row with the pairs."""
     import ray
 
-    from safedpo_ray.runtime import storage
 
     t0 = time.perf_counter()
     key = reference_key(prepared.key, model_fingerprint(model_path), precision=precision, layout=layout,

@@ -19,8 +19,10 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
+from safedpo_ray.config.choices import SFT_RESPONSES
 from safedpo_ray.data.pipeline import DataError, ValidatedRows
-from safedpo_ray.data.schema import _is_missing, detect_schema, SchemaError
+from safedpo_ray.data.schema import SchemaError, _is_missing, detect_schema
+from safedpo_ray.data.tokenize import tokenize_pairs
 from safedpo_ray.data.transform import pair_category
 
 if TYPE_CHECKING:
@@ -29,7 +31,7 @@ if TYPE_CHECKING:
 # pandas and torch are imported where they are used: the `sft` verb is registered by every
 # command's argument parser (safedpo_ray/cli/main.py), which should not pay for them.
 
-RESPONSES = ("helpful_safe", "all_safe")
+RESPONSES = SFT_RESPONSES
 PLAIN_FIELDS = ("prompt", "response")
 PLAIN = "prompt_response"
 SFT_COLUMNS = ["example_id", "prompt_ids", "response_ids", "unsafe"]
@@ -112,7 +114,6 @@ def tokenize_examples(batch: Mapping[str, Sequence], tokenizer, *, max_length: i
     """prompt_ids / response_ids exactly as preference training tokenizes a chosen response (same
     template, BOS, EOS and truncation: tokenize_pairs with an empty stand-in for `rejected`), so a
     model fine-tuned here sees the format the DPO stage will train it on."""
-    from safedpo_ray.data.tokenize import tokenize_pairs
 
     columns = {k: list(v) for k, v in batch.items()}
     columns["chosen"], columns["rejected"] = columns.pop("response"), [""] * len(columns["prompt"])
@@ -126,7 +127,7 @@ def tokenize_examples(batch: Mapping[str, Sequence], tokenizer, *, max_length: i
 
 @functools.lru_cache(maxsize=4)
 def _cached_tokenizer(path: str, trust_remote_code: bool):
-    from safedpo_ray.models.loading import load_tokenizer
+    from safedpo_ray.models.loading import load_tokenizer  # lazy: imports torch
 
     return load_tokenizer(path, trust_remote_code=trust_remote_code)
 

@@ -25,10 +25,14 @@ import numpy as np
 import pyarrow as pa
 
 from safedpo_ray.data.files import Chunk, read_chunk
-from safedpo_ray.data.schema import PKU_FIELDS, SchemaError, detect_schema, to_pku, validate_row
+from safedpo_ray.data.schema import PKU_FIELDS, SCHEMAS, SchemaError, detect_schema, to_pku, validate_row
 from safedpo_ray.data.sources import prompt_in_eval
+from safedpo_ray.data.task_tokenizer import BackendTokenizer
+from safedpo_ray.data.tokenize import tokenize_pairs
 from safedpo_ray.data.transform import pair_category, transform_with_outcome
 from safedpo_ray.errors import UserError
+from safedpo_ray.runtime.ray_env import parallel_cpus
+from safedpo_ray.runtime.storage import localize
 
 BATCH = 1024
 ROW_BITS = 32  # pair_id = file_index << 32 | row_number: unique over every file of a run's sources
@@ -113,8 +117,6 @@ def _plain_valid_pku(f: dict[str, Any]) -> bool:
 
 
 def closest_schema(columns) -> str:
-    from safedpo_ray.data.schema import SCHEMAS
-
     cols = set(columns)
     return min(("pku", "pairwise"), key=lambda n: (sum(f not in cols for f in SCHEMAS[n]), n != "pku"))
 
@@ -139,8 +141,7 @@ def _raw(row: dict[str, Any]) -> str:
 
 @functools.lru_cache(maxsize=4)
 def _tokenizer(path: str, trust_remote_code: bool):
-    from safedpo_ray.models.loading import load_tokenizer
-    from safedpo_ray.runtime.storage import localize
+    from safedpo_ray.models.loading import load_tokenizer  # lazy: imports torch
 
     return load_tokenizer(localize(path), trust_remote_code=trust_remote_code)
 
@@ -154,8 +155,6 @@ def _task_tokenizer(p: dict[str, Any]):
     if spec is None:
         return _tokenizer(p["tokenizer"], p["trust_remote_code"])
     if p["tokenizer"] not in _BACKENDS:
-        from safedpo_ray.data.task_tokenizer import BackendTokenizer
-
         _BACKENDS[p["tokenizer"]] = BackendTokenizer(spec)
     return _BACKENDS[p["tokenizer"]]
 
@@ -167,8 +166,6 @@ _TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "prompt_truncated"
 
 def _build_batch(records: list[dict[str, Any]], p: dict[str, Any], seq: int) -> pa.Table:
     """T and tokenization of one batch of checked rows; one output row per input row."""
-    from safedpo_ray.data.tokenize import tokenize_pairs
-
     n = len(records)
     cols: dict[str, list] = {name: [None] * n for name in _OUT_NAMES}  # built column by column
     pairs, owners = [], []
@@ -261,7 +258,6 @@ def _value_counts(column) -> tuple[list, list]:
 
 class SplitWriter:
     """Pairs of one split appended to an Arrow IPC file (memory-mappable by the workers)."""
-
     def __init__(self, path):
         self.path, self.rows, self._writer = path, 0, None
 
@@ -319,7 +315,6 @@ class RowNumbers:
 
 class Tally:
     """The statistics of data_stats.json, as counts updated per batch."""
-
     def __init__(self, modes: dict[str, str], drop_duplicates: bool = False):
         self.modes, self.drop_duplicates = modes, drop_duplicates
         self.splits: dict[str, dict[str, Any]] = {}
@@ -428,10 +423,10 @@ def run_pipeline(chunks: list[Chunk], names: list[str], out_dir, params: dict[st
     """Stream the chunks through Ray Data into out_dir/{train,eval}.arrow and quarantine.jsonl;
     returns the statistics per split. `started` (a threading.Event): set when the first rows
     arrive, i.e. once the read tasks hold their worker processes."""
+    from pathlib import Path
+
     import ray.data
     from ray.data import ExecutionResources
-
-    from pathlib import Path
 
     out_dir = Path(out_dir)
     ctx = ray.data.DataContext.get_current()
@@ -440,7 +435,6 @@ def run_pipeline(chunks: list[Chunk], names: list[str], out_dir, params: dict[st
     ctx.execution_options.preserve_order = True  # the prepared order is the chunks' order
     # What preparation may hold: the CPUs free now (a search's running trials keep theirs), and
     # on a local Ray no more tasks than cores (each task process imports torch and transformers).
-    from safedpo_ray.runtime.ray_env import parallel_cpus
 
     ctx.execution_options.resource_limits = ExecutionResources(cpu=parallel_cpus(free_cpus()))
     specs = [{"chunk": json.dumps(asdict(c)), "seq": i} for i, c in enumerate(chunks)]

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from safedpo_ray.data.tokenize import PKU_TEMPLATE, has_chat_template
+
 
 class BackendTokenizer:
     """What `tokenize_pairs` needs of a tokenizer, from a `backend_spec`: ids of texts without
@@ -38,7 +40,6 @@ def backend_spec(tokenizer, texts: list[str]) -> dict[str, Any] | None:
     text of `texts`, alone or in the PKU template, encoded differently)."""
     from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
-    from safedpo_ray.data.tokenize import PKU_TEMPLATE, has_chat_template
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if (backend is None or has_chat_template(tokenizer) or not isinstance(tokenizer, TokenizersBackend)

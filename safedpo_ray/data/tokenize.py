@@ -127,7 +127,7 @@ def collate_pairs(
     """
     import torch
 
-    from safedpo_ray.data.packing import layout_pairs
+    from safedpo_ray.data.packing import layout_pairs  # lazy: imports torch
 
     cols = _rows_to_columns(rows)
     for col in _ID_COLUMNS:

@@ -21,6 +21,8 @@ Output pairs are ``{"prompt", "chosen", "rejected", "chosen_unsafe",
 
 from __future__ import annotations
 
+from safedpo_ray.config.choices import MODES
+
 __all__ = [
     "MODES",
     "OUTCOMES",
@@ -31,7 +33,6 @@ __all__ = [
     "pair_type",
 ]
 
-MODES: tuple[str, ...] = ("safedpo", "helpful", "harmless", "safebetter")
 OUTCOMES: tuple[str, ...] = ("kept", "swapped", "discarded")
 CATEGORIES: tuple[str, ...] = ("safe_safe", "safe_unsafe", "unsafe_safe", "unsafe_unsafe")
 

@@ -24,7 +24,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from safedpo_ray.config.evaluation import load_eval_config, load_scorer_config
 from safedpo_ray.config.training import ConfigError
+from safedpo_ray.evaluate.judge import JudgeError
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -63,10 +65,8 @@ def _report_error(exc: BaseException, code: int = 2) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from safedpo_ray.evaluate.config import load_eval_config
-    from safedpo_ray.evaluate.judge import JudgeError
-    from safedpo_ray.evaluate.loading import EvalError
-    from safedpo_ray.evaluate.runner import evaluate, format_results
+    from safedpo_ray.evaluate.runner import evaluate, format_results  # lazy: imports pyarrow, torch
+    from safedpo_ray.models.resolve import EvalError  # lazy: imports torch
 
     config, flags = args.config, eval_flags(args)
     if getattr(args, "resume", None):
@@ -91,9 +91,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_train_scorer(args: argparse.Namespace) -> int:
-    from safedpo_ray.evaluate.config import load_scorer_config
-    from safedpo_ray.evaluate.loading import EvalError
-    from safedpo_ray.train.scorer import format_scorer_summary, train_scorer
+    from safedpo_ray.models.resolve import EvalError  # lazy: imports torch
+    from safedpo_ray.train.scorer import format_scorer_summary, train_scorer  # lazy: imports pandas, torch
 
     tree: dict[str, Any] = {}
     for key, value in (("data.source", args.data), ("scorer.base_model", args.base), ("scorer.kind", args.kind),

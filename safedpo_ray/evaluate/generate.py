@@ -23,9 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from safedpo_ray.evaluate.config import EvalDataConfig, GenerationConfig
+from safedpo_ray.config.evaluation import EvalDataConfig, GenerationConfig
+from safedpo_ray.data.sources import read_rows
 from safedpo_ray.evaluate.decoding import finish_response, prompt_seed, prompt_token_ids, stop_token_ids
-from safedpo_ray.evaluate.loading import EvalError, ModelSpec, load_policy, rows_dataset, tokenizer_source
+from safedpo_ray.evaluate.vllm_engine import require_vllm, vllm_generate
+from safedpo_ray.models.loading import load_tokenizer
+from safedpo_ray.models.resolve import EvalError, ModelSpec, load_policy, rows_dataset, tokenizer_source
 
 PROMPT_COLUMNS = ("prompt_id", "prompt", "set", "xstest_id", "xstest_type", "xstest_label")
 __all__ = ["prompt_seed", "encode_prompts", "generate_batch", "generate_local", "generate_with_ray"]
@@ -87,7 +90,8 @@ def model_stop_ids(model, tokenizer) -> list[int]:
 def generate_batch(model, tokenizer, prompts: list[str], gen: GenerationConfig, *, max_prompt_length: int,
                    device: str | torch.device | None = None, stop_ids: list[int] | None = None) -> list[dict[str, Any]]:
     """{response, truncated} for a batch of prompts (left-padded), on the model's device."""
-    from transformers import GenerationConfig as HFGenerationConfig, LogitsProcessorList
+    from transformers import GenerationConfig as HFGenerationConfig
+    from transformers import LogitsProcessorList
 
     device = model_device(model) if device is None else torch.device(device)
     stop_ids = stop_ids or model_stop_ids(model, tokenizer)
@@ -113,11 +117,8 @@ def generate_batch(model, tokenizer, prompts: list[str], gen: GenerationConfig, 
 
 class HFGenerator:
     """Ray Data actor: loads the policy once, then generates for each batch it is given."""
-
     def __init__(self, spec: dict[str, Any], gen: dict[str, Any], max_prompt_length: int,
                  dtype: str = "float32", trust_remote_code: bool = False):
-        from safedpo_ray.models.loading import load_tokenizer
-
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.spec, self.gen, self.max_prompt_length = ModelSpec(**spec), GenerationConfig(**gen), max_prompt_length
         self.tokenizer = load_tokenizer(tokenizer_source(self.spec), trust_remote_code=trust_remote_code)
@@ -156,8 +157,6 @@ def generate_with_ray(spec: ModelSpec, rows: list[dict[str, Any]], gen: Generati
         return []
     ds, columns, blocks = rows_dataset(rows, gen.batch_size, progress=progress)
     if gen.engine == "vllm":
-        from safedpo_ray.evaluate.vllm_engine import vllm_generate
-
         ds = vllm_generate(ds, spec, gen, [*columns, "_order"], max_prompt_length=max_prompt_length,
                            trust_remote_code=trust_remote_code)
     else:
@@ -185,8 +184,6 @@ def _flag(value: Any) -> bool:
 
 def read_prompt_file(path: str) -> list[str]:
     """Prompts from .txt (one per line) or a .jsonl/.json/.csv/.parquet file with a 'prompt' column."""
-    from safedpo_ray.data.sources import read_rows
-
     p = Path(path)
     if not p.exists():
         raise EvalError(f"prompt file {path} does not exist")
@@ -212,6 +209,4 @@ def prompt_rows(data: EvalDataConfig, source_rows: list[dict[str, Any]]) -> list
 def check_engine(gen: GenerationConfig) -> None:
     """Fail before any work when the engine cannot run here."""
     if gen.engine == "vllm":
-        from safedpo_ray.evaluate.vllm_engine import require_vllm
-
         require_vllm()

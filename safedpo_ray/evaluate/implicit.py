@@ -17,13 +17,14 @@ from typing import Any
 
 import torch
 
+from safedpo_ray.config.evaluation import EvalDataConfig
 from safedpo_ray.core.algorithm import MetricSums, concatenated_logps, safedpo_forward, tie_aware_accuracy
 from safedpo_ray.data.pipeline import validate_rows
 from safedpo_ray.data.sources import SYNTHETIC, read_rows
 from safedpo_ray.data.tokenize import collate_pairs, tokenize_pairs
 from safedpo_ray.data.transform import pair_category, transform_with_outcome
-from safedpo_ray.evaluate.config import EvalDataConfig
-from safedpo_ray.evaluate.loading import EvalError, ModelSpec, load_policy, load_reference, tokenizer_source
+from safedpo_ray.models.loading import load_tokenizer, reference_logits_context
+from safedpo_ray.models.resolve import EvalError, ModelSpec, load_policy, load_reference, tokenizer_source
 
 SUMMARY_KEYS = {
     "preference_accuracy_safe_safe": "rewards/accuracies/safe_safe",
@@ -71,7 +72,6 @@ def implicit_metrics(policy, reference, tokenizer, pairs: list[dict[str, Any]], 
 
     `reference=None` means the policy is a PeftModel whose base (adapters off) is the reference.
     """
-    from safedpo_ray.models.loading import reference_logits_context
 
     if not pairs:
         raise EvalError("implicit metrics: no preference pairs left after T (all unsafe–unsafe or invalid?)")
@@ -103,8 +103,6 @@ def run_implicit(spec: ModelSpec, pairs: list[dict[str, Any]], *, beta: float, b
                  max_length: int, max_prompt_length: int, dtype: str = "float32",
                  trust_remote_code: bool = False, progress: bool = False) -> dict[str, float]:
     """Load policy + reference for `spec` on this process's device and compute the metrics."""
-    from safedpo_ray.models.loading import load_tokenizer
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = load_tokenizer(tokenizer_source(spec), trust_remote_code=trust_remote_code)
     policy = load_policy(spec, dtype=dtype, trust_remote_code=trust_remote_code, device=device)

@@ -31,17 +31,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safedpo_ray.evaluate.config import JudgeConfig
+from safedpo_ray.config.evaluation import JudgeConfig
 from safedpo_ray.evaluate.judge_prompts import (
     PARSERS,
-    RATE_TEMPLATE as JUDGE_TEMPLATE,
-    SYSTEM as JUDGE_SYSTEM,
     VERSIONS,
     pairwise_messages,
     parse_verdict,
     rate_messages,
     xstest_messages,
 )
+from safedpo_ray.evaluate.judge_prompts import (
+    RATE_TEMPLATE as JUDGE_TEMPLATE,
+)
+from safedpo_ray.evaluate.judge_prompts import (
+    SYSTEM as JUDGE_SYSTEM,
+)
+from safedpo_ray.evaluate.metrics import bootstrap_ci
 
 __all__ = ["JUDGE_SYSTEM", "JUDGE_TEMPLATE", "JudgeError", "JudgeClient", "parse_verdict", "judge_rows",
            "judge_xstest", "judge_pairwise", "judge_summary", "pairwise_summary", "load_verdicts", "item_key"]
@@ -49,7 +54,6 @@ __all__ = ["JUDGE_SYSTEM", "JUDGE_TEMPLATE", "JudgeError", "JudgeClient", "parse
 
 class JudgeError(RuntimeError):
     """The judge could not finish; `completed` verdicts are kept in `path`."""
-
     def __init__(self, message: str, *, completed: int = 0, total: int = 0, path: str | None = None):
         super().__init__(message)
         self.completed, self.total, self.path = completed, total, path
@@ -247,8 +251,6 @@ def judge_summary(verdicts: list[dict[str, Any]]) -> dict[str, float]:
 
 def pairwise_summary(outcomes: list[dict[str, float]], ci: dict[str, Any] | None = None) -> dict[str, Any]:
     """Win rates against the baseline per criterion (ties half), with bootstrap intervals."""
-    from safedpo_ray.evaluate.metrics import bootstrap_ci
-
     out: dict[str, Any] = {"compared": len(outcomes)}
     for k in ("helpful", "harmless"):
         values = [o[k] for o in outcomes]

@@ -1,7 +1,6 @@
 """`evaluate(cfg)`: implicit metrics → generation → scoring → XSTest → judge → reports.
 
 Each part runs when its inputs are configured and can be used alone:
-
     safedpo-ray evaluate --model runs/r1 --data pku_test.jsonl generation.enabled=false   # implicit only
     safedpo-ray evaluate --model runs/r1 --data prompts.jsonl --cost-model beaver-cost --reward-model beaver-reward
     safedpo-ray evaluate --model runs/r1 --xstest xstest_prompts.csv implicit.enabled=false
@@ -25,9 +24,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from safedpo_ray.config.evaluation import EvalConfig, dump_yaml
 from safedpo_ray.config.training import RunConfig
 from safedpo_ray.evaluate.cache import EvalCache, generation_key, implicit_key, item_key, scorer_key
-from safedpo_ray.evaluate.config import EvalConfig, dump_yaml
 from safedpo_ray.evaluate.generate import check_engine, generate_with_ray, prompt_rows
 from safedpo_ray.evaluate.implicit import load_pairs, read_source_rows, run_implicit_on_ray
 from safedpo_ray.evaluate.judge import (
@@ -40,12 +39,14 @@ from safedpo_ray.evaluate.judge import (
     pairwise_summary,
 )
 from safedpo_ray.evaluate.judge import item_key as verdict_key
-from safedpo_ray.evaluate.loading import EvalError, has_reference, resolve_model, resolve_models
 from safedpo_ray.evaluate.metrics import counts, normalized_helpfulness, score_summary
 from safedpo_ray.evaluate.refusal import classify_refusal
 from safedpo_ray.evaluate.report import markdown_table, write_json, write_reports
 from safedpo_ray.evaluate.scorers import score_with_ray
 from safedpo_ray.evaluate.xstest import read_xstest, xstest_metrics
+from safedpo_ray.models.resolve import EvalError, has_reference, resolve_model, resolve_models
+from safedpo_ray.runtime.ray_env import ensure_ray
+from safedpo_ray.runtime.storage import staged_output_dir
 
 NAN = math.nan
 
@@ -186,8 +187,6 @@ class Evaluation:
 
     def _ray(self) -> None:
         if not self._ray_started:
-            from safedpo_ray.runtime.ray_env import ensure_ray
-
             ensure_ray(_ray_run_config(self.cfg))
             self._ray_started = True
 
@@ -417,8 +416,6 @@ class Evaluation:
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Run every configured part; results.json/results.md/tradeoff.png land in output.dir/name."""
-    from safedpo_ray.runtime.storage import staged_output_dir
-
     with staged_output_dir(cfg.output) as remote:  # output.dir=s3://...: staged here, uploaded after
         results = Evaluation(cfg).run()
     if remote:

@@ -26,9 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from safedpo_ray.data.tokenize import PKU_TEMPLATE
-from safedpo_ray.evaluate.loading import EvalError, rows_dataset
+from safedpo_ray.data.score_inputs import encode_for_score, pad_right, score_text, scoring_dtype
 from safedpo_ray.evaluate.metrics import harmless_ratio, score_summary, win_rate
+from safedpo_ray.models.loading import load_tokenizer
+from safedpo_ray.models.resolve import EvalError, rows_dataset
 from safedpo_ray.models.score_model import (
     LlamaForScore,
     ScoreModelError,
@@ -36,73 +37,16 @@ from safedpo_ray.models.score_model import (
     is_score_model,
     load_score_model,
 )
+from safedpo_ray.runtime.safe_loading import explain_refused_pickle, weights_kwargs
 
 __all__ = ["LlamaForScore", "ScoreModelError", "Scorer", "ScoreActor", "score_with_ray", "encode_for_score",
            "score_text", "is_score_model", "harmless_ratio", "win_rate", "score_summary", "scoring_dtype"]
 
 
-def score_text(prompt: str, response: str) -> str:
-    """safe-rlhf's conversation text (no space after 'ASSISTANT:'); EOS is appended as a token."""
-    return PKU_TEMPLATE.format(prompt=prompt) + response
-
-
-def encode_for_score(tokenizer, prompts: list[str], responses: list[str], max_length: int, *,
-                     template: str = "pku", truncated: list[bool] | None = None) -> list[list[int]]:
-    """Token ids to score. 'pku': BOS + safe-rlhf conversation + EOS (no EOS for a truncated
-    response); longer inputs keep their start and a finished one still ends on EOS. 'chat': the
-    tokenizer's chat template with both turns (a truncated assistant turn is left open)."""
-    truncated = list(truncated) if truncated is not None else [False] * len(prompts)
-    if template == "chat":
-        out = []
-        for p, r, cut in zip(prompts, responses, truncated):
-            text = tokenizer.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}],
-                                                 tokenize=False, continue_final_message=bool(cut))
-            out.append(list(map(int, tokenizer(text, add_special_tokens=False)["input_ids"]))[:max_length])
-        return out
-    ids = [list(map(int, x)) for x in tokenizer([score_text(p, r) for p, r in zip(prompts, responses)],
-                                                add_special_tokens=True)["input_ids"]]
-    bos, eos = getattr(tokenizer, "bos_token_id", None), tokenizer.eos_token_id
-    out = []
-    for x, cut in zip(ids, truncated):
-        if bos is not None and x[:1] != [bos]:
-            x = [bos] + x
-        if cut:
-            while x[-1:] == [eos]:  # a tokenizer that appends EOS itself
-                x = x[:-1]
-            out.append(x[:max_length])
-            continue
-        if x[-1:] != [eos]:
-            x = x + [eos]
-        out.append(x if len(x) <= max_length else x[: max_length - 1] + [eos])
-    return out
-
-
-def pad_right(ids: list[list[int]], pad_id: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, ids))
-    input_ids = torch.full((len(ids), width), int(pad_id), dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, x in enumerate(ids):
-        input_ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
-        mask[i, : len(x)] = 1
-    return input_ids.to(device), mask.to(device)
-
-
-def scoring_dtype(name: str, device: str | torch.device) -> torch.dtype:
-    """'auto' → bfloat16 on a GPU, float32 on a CPU; else the named dtype."""
-    from safedpo_ray.models.loading import resolve_dtype
-
-    if name == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    return resolve_dtype(name)
-
-
 class Scorer:
     """One cost or reward model ready to score (prompt, response) pairs."""
-
     def __init__(self, path: str, *, dtype: str = "float32", device: str | torch.device = "cpu",
                  max_length: int = 1024, trust_remote_code: bool = False):
-        from safedpo_ray.models.loading import load_tokenizer
-
         self.path, self.max_length = str(path), max_length
         if not Path(path).exists():
             raise EvalError(f"score model {path} does not exist (download it first; nothing is fetched at run time)")
@@ -116,7 +60,6 @@ class Scorer:
         else:
             from transformers import AutoModelForSequenceClassification
 
-            from safedpo_ray.runtime.safe_loading import explain_refused_pickle, weights_kwargs
 
             with explain_refused_pickle(path):  # safetensors, or torch.load(weights_only=True)
                 self.model, info = AutoModelForSequenceClassification.from_pretrained(
@@ -156,7 +99,6 @@ def _flags(values) -> list[bool]:
 
 class ScoreActor:
     """Ray Data actor holding the cost and/or reward model; adds `cost` and `reward` columns."""
-
     def __init__(self, cost_model: str | None, reward_model: str | None, *, batch_size: int = 8,
                  max_length: int = 1024, dtype: str = "auto", trust_remote_code: bool = False):
         device = "cuda" if torch.cuda.is_available() else "cpu"

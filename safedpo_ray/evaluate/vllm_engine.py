@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
-from safedpo_ray.evaluate.config import GenerationConfig
+from safedpo_ray.config.evaluation import GenerationConfig
 from safedpo_ray.evaluate.decoding import (
     generation_eos,
     stop_token_ids,
@@ -28,7 +28,8 @@ from safedpo_ray.evaluate.decoding import (
     vllm_response,
     vllm_sampling_params,
 )
-from safedpo_ray.evaluate.loading import EvalError, ModelSpec, tokenizer_source
+from safedpo_ray.models.loading import load_tokenizer
+from safedpo_ray.models.resolve import EvalError, ModelSpec, tokenizer_source
 
 __all__ = ["require_vllm", "vllm_sampling_params", "vllm_processor_kwargs", "vllm_generate"]
 
@@ -77,8 +78,6 @@ _TOKENIZERS: dict[tuple[str, bool], Any] = {}
 
 def _tokenizer(source: str, trust_remote_code: bool):
     """One tokenizer per worker process (postprocess runs row by row)."""
-    from safedpo_ray.models.loading import load_tokenizer
-
     key = (source, trust_remote_code)
     if key not in _TOKENIZERS:
         _TOKENIZERS[key] = load_tokenizer(source, trust_remote_code=trust_remote_code)

@@ -22,7 +22,6 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from safedpo_ray.evaluate.loading import EvalError
 from safedpo_ray.evaluate.refusal import (
     FULL_REFUSAL,
     LABELS,
@@ -31,6 +30,7 @@ from safedpo_ray.evaluate.refusal import (
     is_refusal,
     normalize_label,
 )
+from safedpo_ray.models.resolve import EvalError
 
 XSTEST_COLUMNS = ("id", "prompt", "type", "label")
 

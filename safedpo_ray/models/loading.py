@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from safedpo_ray.config.training import TINY_PRESET  # noqa: F401  (defined torch-free there; re-exported)
+from safedpo_ray.runtime.safe_loading import explain_refused_pickle, weights_kwargs
+from safedpo_ray.runtime.storage import localize
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +147,6 @@ def load_tokenizer(name_or_path, *, gguf_file: str | None = None, trust_remote_c
     """AutoTokenizer with a pad token (falls back to EOS) and right padding."""
     from transformers import AutoTokenizer
 
-    from safedpo_ray.runtime.storage import localize
 
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if gguf_file:
@@ -174,12 +175,9 @@ def load_model(
     """AutoModelForCausalLM for a hub id or local dir; a GGUF file is dequantized into a plain model."""
     from transformers import AutoModelForCausalLM
 
-    from safedpo_ray.runtime.storage import localize
 
     torch_dtype = resolve_dtype(dtype)
     if not gguf_file:
-        from safedpo_ray.runtime.safe_loading import explain_refused_pickle, weights_kwargs
-
         source = localize(name_or_path)  # a storage URI (s3://, gs://) is fetched once per node
         with explain_refused_pickle(name_or_path):  # safetensors, or torch.load(weights_only=True)
             return AutoModelForCausalLM.from_pretrained(

@@ -32,7 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from safedpo_ray.evaluate.loading import EvalError
+from safedpo_ray.models.resolve import EvalError
+from safedpo_ray.runtime.safe_loading import explain_refused_pickle, weights_kwargs
 
 NORMALIZE_FUNCTIONS = {"reward": "affine", "cost": "scale", "critic": "identity"}
 NORMALIZER_TYPES = (None, "RunningMeanStd", "ExponentialMovingAverage")
@@ -91,7 +92,6 @@ def normalize(x: torch.Tensor, function: str, mean: torch.Tensor, var: torch.Ten
 
 class ScoreNormalizer(nn.Module):
     """safe-rlhf's normaliser buffers (mean, var, count); evaluation never updates them."""
-
     def __init__(self, score_dim: int, mean: Any = None, var: Any = None):
         super().__init__()
         self.register_buffer("mean", self._vector(mean, score_dim, 0.0))
@@ -204,7 +204,6 @@ def load_score_model(path: str | Path, *, dtype: torch.dtype = torch.float32,
                               "Hugging Face sequence classifiers)")
     with _quiet_transformers():
         # mismatched shapes are collected (not raised by transformers) so the error below names them
-        from safedpo_ray.runtime.safe_loading import explain_refused_pickle, weights_kwargs
 
         with explain_refused_pickle(path):  # safe-rlhf releases ship pickles: torch.load(weights_only=True)
             model, info = LlamaForScore.from_pretrained(str(path), config=config, dtype=dtype, output_loading_info=True,

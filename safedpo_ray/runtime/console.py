@@ -39,6 +39,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from safedpo_ray.runtime import ray_env
+from safedpo_ray.runtime.secret_guard import redact
+from safedpo_ray.runtime.storage import local_run_dir
+
 TAGS = ("[safedpo]", "[sft]")
 LOG_DIR, LOG_FILE = "logs", "console.log"
 RAY_COMMANDS = ("train", "prepare", "sft", "evaluate", "train-scorer", "tune", "verify", "delta-study")
@@ -83,7 +87,6 @@ def _is_console(handler: logging.Handler) -> bool:
 
 class Session:
     """One command's console: created by `start`, ended by `finish` (which undoes everything)."""
-
     def __init__(self, command: str, verbose: bool):
         self.command, self.verbose = command, verbose
         self.lock = threading.RLock()
@@ -97,8 +100,6 @@ class Session:
 
     # -- the file ------------------------------------------------------------------------------
     def write(self, text: str) -> None:
-        from safedpo_ray.runtime.secret_guard import redact
-
         text = _ANSI.sub("", redact(text))
         with self.lock:
             if self.file is not None:
@@ -213,8 +214,6 @@ class Session:
         name = getattr(run, "name", None)
         if name:
             try:
-                from safedpo_ray.runtime.storage import local_run_dir
-
                 run_dir = local_run_dir(run, name)
                 if run_dir.is_dir():
                     return run_dir / LOG_DIR / LOG_FILE
@@ -275,8 +274,6 @@ class Session:
                     continue
                 self.write(f"{prefix} {line}\n")
                 if not self.verbose and line.lstrip().startswith(TAGS):
-                    from safedpo_ray.runtime.secret_guard import redact
-
                     with self.lock:
                         print(redact(line), file=sys.stdout, flush=True)
         except Exception as exc:  # pragma: no cover - never break Ray's log thread
@@ -286,9 +283,7 @@ class Session:
     def finish(self, failed: bool = False) -> None:
         if self.owns_ray:  # the command that started Ray stops it, while its output still comes here
             try:
-                from safedpo_ray.runtime.ray_env import shutdown
-
-                shutdown()
+                ray_env.shutdown()
             except Exception:  # pragma: no cover
                 pass
         for undo in reversed(self.undo):
@@ -316,9 +311,7 @@ def start(command: str, verbose: bool = False) -> Session | None:
         return None
     finish()
     _session = Session(command, verbose)
-    from safedpo_ray.runtime.ray_env import driver_accelerator_env
-
-    name = driver_accelerator_env()  # a cause of a warning, fixed (not hidden) in both modes
+    name = ray_env.driver_accelerator_env()  # a cause of a warning, fixed (not hidden) in both modes
     if name:
         _session.undo.append(lambda: os.environ.pop(name, None))
     import ray  # noqa: F401  (Ray configures its loggers, with a stderr handler, on import: route them now)
@@ -333,6 +326,9 @@ def ray_ready(run: Any = None, started: bool = False) -> None:
     """Called by `ray_env.ensure_ray` once Ray is up (`started`: this call started it)."""
     if _session is not None:
         _session.ray_ready(run, started)
+
+
+ray_env.on_ready(ray_ready)
 
 
 def current() -> Session | None:

@@ -4,8 +4,24 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
-from safedpo_ray.config.training import RunConfig
+if TYPE_CHECKING:
+    from safedpo_ray.config.training import RunConfig
+
+_ready_listeners: list[Callable[[Any, bool], None]] = []
+
+
+def on_ready(listener: Callable[[Any, bool], None]) -> None:
+    """Call `listener(run, started)` whenever `ensure_ray` finds Ray up (`started`: that call
+    started or connected it). The console listens, to route the workers' output."""
+    if listener not in _ready_listeners:
+        _ready_listeners.append(listener)
+
+
+def _ready(run: Any, started: bool) -> None:
+    for listener in list(_ready_listeners):
+        listener(run, started)
 
 # Environment that made Ray Train + DeepSpeed quiet and reliable on CPU (see docs/training.md, "CPU notes").
 LOCAL_ENV = {
@@ -34,10 +50,8 @@ def ensure_ray(run: RunConfig, *, dashboard: bool = True) -> None:
     """
     import ray
 
-    from safedpo_ray.runtime import console
-
     if ray.is_initialized():
-        console.ray_ready(run)
+        _ready(run, False)
         return
     for k, v in {**LOCAL_ENV, **worker_env(run.use_gpu)}.items():
         os.environ.setdefault(k, v)
@@ -46,7 +60,7 @@ def ensure_ray(run: RunConfig, *, dashboard: bool = True) -> None:
     if address:
         _local_cores = None
         ray.init(address=address, log_to_driver=True)
-        console.ray_ready(run, started=True)  # workers' output: ours on the console, the rest to a file
+        _ready(run, True)  # workers' output: ours on the console, the rest to a file
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local Ray needs no token
     _bind_loopback()
@@ -64,14 +78,14 @@ def ensure_ray(run: RunConfig, *, dashboard: bool = True) -> None:
     if not dashboard:
         ray.init(num_cpus=num_cpus, log_to_driver=True, include_dashboard=False)
         _local_cores = os.cpu_count() or 1
-        console.ray_ready(run, started=True)
+        _ready(run, True)
         return
     port = _free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     ray.init(num_cpus=num_cpus, log_to_driver=True, include_dashboard=True,
              dashboard_host="127.0.0.1", dashboard_port=port)
     _local_cores = os.cpu_count() or 1
-    console.ray_ready(run, started=True)
+    _ready(run, True)
 
 
 _local_cores: int | None = None  # set when this process started a local Ray

@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from safedpo_ray.search.experiment import format_summary, run_experiment
+from safedpo_ray.search.space import base_config, load_space, split_overrides
+
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from safedpo_ray.search.experiment import format_summary, run_experiment
-    from safedpo_ray.search.space import base_config, load_space, split_overrides
-
     search_overrides, train_overrides = split_overrides(args.overrides)
     spec = load_space(args.space, search_overrides)
     base = base_config(args.config, spec, train_overrides)

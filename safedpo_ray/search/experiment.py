@@ -26,8 +26,11 @@ import yaml
 
 from safedpo_ray.config.training import Config, ConfigError, _build, config_from_dict, dump_config
 from safedpo_ray.errors import UserError
+from safedpo_ray.runtime import storage
+from safedpo_ray.runtime import storage as run_storage
+from safedpo_ray.runtime.ray_env import ensure_ray
 from safedpo_ray.search.report import table, write_results
-from safedpo_ray.search.scoring import write_held_out_prompts
+from safedpo_ray.search.scoring import score_trial, write_held_out_prompts
 from safedpo_ray.search.space import SearchSpec, apply_params, check_against_config, check_spec, param_space
 
 SPEC_FILE = "search.yaml"
@@ -47,9 +50,9 @@ def inputs_key(cfg: Config) -> str:
 
 
 def _read_shared(shared: dict[str, Any]):
-    from safedpo_ray.data.prepared import PreparedData
-    from safedpo_ray.data.reference import ReferencePass
-    from safedpo_ray.train.trainer import Prepared
+    from safedpo_ray.data.prepared import PreparedData  # lazy: imports pyarrow
+    from safedpo_ray.data.reference import ReferencePass  # lazy: imports pyarrow
+    from safedpo_ray.train.trainer import Prepared  # lazy: imports pyarrow
 
     ref = ReferencePass(**shared["reference"])
     data = PreparedData(**shared["data"])
@@ -58,7 +61,7 @@ def _read_shared(shared: dict[str, Any]):
 
 def _prepare_shared(cfg: Config, exp_dir: Path) -> dict[str, Any]:
     """Run the pipeline and the reference pass for `cfg`; a JSON-able description trials read."""
-    from safedpo_ray.train.trainer import attach_reference, prepare
+    from safedpo_ray.train.trainer import attach_reference, prepare  # lazy: imports pyarrow
 
     prepared = prepare(cfg, exp_dir)
     if not prepared.has_eval:
@@ -79,7 +82,6 @@ def experiments_base(base: Config) -> tuple[Path, str | None]:
     run.storage_path on a filesystem every node mounts holds the experiments themselves; an
     object-store storage_path gets Tune's state, every trial's outputs and the result files,
     staged under run.output_dir on the driver; without it, run.output_dir (one machine)."""
-    from safedpo_ray.runtime import storage
 
     path = base.run.storage_path
     if path and storage.is_remote(path):
@@ -90,7 +92,6 @@ def experiments_base(base: Config) -> tuple[Path, str | None]:
 def _finished_summary(root: str) -> dict[str, Any] | None:
     """The summary of a trial whose training finished under an earlier driver that died before
     Tune recorded it (Tune saves its state every few seconds): resuming reports it, not retrains."""
-    from safedpo_ray.runtime import storage
 
     try:
         summary = storage.read_json(storage.join(root, "summary.json"))
@@ -107,7 +108,7 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], exp_dir: str, sha
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from safedpo_ray.train.trainer import attach_reference, fit, prepare
+    from safedpo_ray.train.trainer import attach_reference, fit, prepare  # lazy: imports pyarrow
 
     t0 = time.time()
     trial_id = ray.tune.get_context().get_trial_id()
@@ -115,7 +116,6 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], exp_dir: str, sha
     trials = Path(exp_dir) / "trials"
     cfg.run.output_dir, cfg.run.name, cfg.run.resume = str(trials.parent), trial_id, False
     run_dir = trials / trial_id
-    from safedpo_ray.runtime import storage as run_storage
 
     # Where the trial's outputs live: the experiment directory, or (object store) its URI.
     root = run_storage.join(remote, "trials", trial_id) if remote else str(run_dir)
@@ -145,15 +145,11 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], exp_dir: str, sha
     final.update(step=summary.get("last_step"), completed=1, reference_forwards=summary.get("reference_forwards", 0))
     search = _build(SearchSpec, {k: v for k, v in spec.items() if k != "params"})
     if search.has_scorers and summary.get("model_dir"):
-        from safedpo_ray.search.scoring import score_trial
-
         final.update(score_trial(search, cfg, Path(summary["model_dir"]), run_dir, shared))
     ray.tune.report(final)
 
 
 def _remove(uri: str) -> None:
-    from safedpo_ray.runtime import storage
-
     fs, path = storage.resolve(uri)
     try:
         fs.delete_dir(path)
@@ -205,8 +201,6 @@ def _rows(result_grid, spec: SearchSpec, base: Config) -> list[dict[str, Any]]:
 
 def _tuner(spec: SearchSpec, base: Config, exp_dir: Path, shared: dict[str, Any], local: bool, restore: bool,
            remote_base: str | None = None):
-    from safedpo_ray.runtime import storage
-
     remote = storage.join(remote_base, exp_dir.name) if remote_base else None
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -249,8 +243,6 @@ def prepare_experiment(spec: SearchSpec, base: Config, resume: str | None) -> tu
     if resume:
         exp_dir = output / resume
         if remote and not (exp_dir / SPEC_FILE).exists():
-            from safedpo_ray.runtime import storage
-
             for name in (SPEC_FILE, BASE_FILE):  # resuming on another machine: the saved spec
                 if storage.exists(storage.join(remote, resume, name)):
                     storage.download(storage.join(remote, resume, name), exp_dir / name)
@@ -282,10 +274,7 @@ def prepare_experiment(spec: SearchSpec, base: Config, resume: str | None) -> tu
 
 def run_experiment(spec: SearchSpec, base: Config, *, resume: str | None = None) -> dict[str, Any]:
     """Run (or continue) the experiment; writes its result files and returns a summary."""
-    from safedpo_ray.runtime.ray_env import ensure_ray
-
     t0 = time.time()
-    from safedpo_ray.runtime import storage
 
     spec, base, exp_dir = prepare_experiment(spec, base, resume)
     _, remote_base = experiments_base(base)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from safedpo_ray.config.evaluation import load_eval_config
 from safedpo_ray.config.training import Config
 from safedpo_ray.search.space import SearchSpec
 
@@ -15,7 +16,7 @@ HELD_OUT_PROMPTS = "heldout_prompts.jsonl"
 
 def write_held_out_prompts(eval_split: str, exp_dir: Path) -> Path:
     """The distinct prompts of the held-out pairs (a prepared split file), for trials to generate from."""
-    from safedpo_ray.train.pairs import open_split
+    from safedpo_ray.data.pairs import open_split  # lazy: imports pyarrow
 
     prompts = list(dict.fromkeys(open_split(eval_split).column("prompt").to_pylist()))
     path = exp_dir / HELD_OUT_PROMPTS
@@ -53,8 +54,7 @@ def scored_metrics(results: dict[str, Any]) -> dict[str, float]:
 
 
 def score_trial(spec: SearchSpec, cfg: Config, model_dir: Path, run_dir: Path, shared: dict[str, Any]) -> dict[str, float]:
-    from safedpo_ray.evaluate.config import load_eval_config
-    from safedpo_ray.evaluate.runner import evaluate
+    from safedpo_ray.evaluate.runner import evaluate  # lazy: imports pyarrow, torch
 
     prompts = spec.scoring.prompts or shared["held_out_prompts"]
     eval_cfg = load_eval_config(None, [], eval_tree(spec, cfg, model_dir, run_dir / "evaluation", prompts))

@@ -2,7 +2,6 @@
 
 A space is a YAML file (shipped ones: `tune/` at the repository root, the same files inside the
 package under `safedpo_ray/search/spaces/`):
-
     search: grid                      # grid | random | optuna
     params:                           # any key of the training config
       train.delta: {grid: [0, 2, 5, 10, 20]}
@@ -26,7 +25,15 @@ from typing import Any
 
 import yaml
 
-from safedpo_ray.config.training import Config, ConfigError, _build, _set_override, check_config, config_from_dict
+from safedpo_ray.config.training import (
+    Config,
+    ConfigError,
+    _build,
+    _set_override,
+    check_config,
+    config_from_dict,
+    load_config,
+)
 
 SPACES_DIR = Path(__file__).parent / "spaces"
 DEFAULT_SPACE = "quick"
@@ -94,7 +101,6 @@ class SearchSpec:
     """Optional end-of-trial generation and scoring with cost and reward models."""
     params: dict[str, Any] = field(default_factory=dict)
     """Searched keys: {config key: {kind: values}} (see the module docstring)."""
-
     @property
     def has_scorers(self) -> bool:
         return bool(self.scoring.cost_model or self.scoring.reward_model)
@@ -272,8 +278,6 @@ def param_space(spec: SearchSpec) -> dict[str, Any]:
 
 def base_config(path: str | Path | None, spec: SearchSpec, overrides: list[str]) -> Config:
     """The training config every trial starts from: file ← the space's overrides ← command line."""
-    from safedpo_ray.config.training import load_config
-
     cfg = load_config(path, list(spec.overrides) + list(overrides))
     check_config(cfg)
     return cfg

@@ -3,9 +3,9 @@ decided before any row is read; `trainer.train_while_preparing` does it."""
 
 from __future__ import annotations
 
-from safedpo_ray.runtime import storage as run_storage
 from safedpo_ray.config.training import Config
 from safedpo_ray.core.loss_names import uses_reference
+from safedpo_ray.runtime import storage as run_storage
 
 
 def estimated_rows(plan, sample_bytes: int = 1 << 16) -> float | None:
@@ -64,7 +64,7 @@ def overlaps_preparation(cfg: Config, plan, model_path: str) -> bool:
     workers' for Ray Data (else the workers would wait for pairs that never come)."""
     import ray
 
-    from safedpo_ray.data.prepared import is_prepared
+    from safedpo_ray.data.prepared import is_prepared  # lazy: imports pyarrow
 
     if not cfg.run.start_workers_early or reference_pass_expected(cfg, plan):
         return False

@@ -14,6 +14,8 @@ import os
 
 from safedpo_ray.config.training import Config
 from safedpo_ray.errors import UserError
+from safedpo_ray.runtime.storage import redact
+from safedpo_ray.train import preempt
 
 TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 120.0
@@ -55,8 +57,6 @@ def fit(trainer, cfg: Config):
 
 def explain(cfg: Config, error: BaseException) -> BaseException:
     """A clear message for the failures a user can act on; other errors pass through."""
-    from safedpo_ray.train import preempt
-
     stopped = preempt.explain(cfg.run.name, error)  # a worker got SIGTERM and saved a checkpoint first
     if stopped is not None:
         return stopped
@@ -69,7 +69,6 @@ def explain(cfg: Config, error: BaseException) -> BaseException:
     if isinstance(cause, WorkerGroupStartupTimeoutError):
         r = cfg.run
         per_worker = {"CPU": r.cpus_per_worker, **({"GPU": 1} if r.use_gpu else {}), **r.worker_resources}
-        from safedpo_ray.runtime.storage import redact
 
         where = redact(r.storage_path) if r.storage_path else "the run directory"
         return NodesDidNotComeBack(

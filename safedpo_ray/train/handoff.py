@@ -4,7 +4,6 @@
 at the same time (train/early_start.py decides): the workers load the model while Ray Data
 reads and tokenizes, then wait here for the prepared files. The driver announces them in the
 run root (a local path, a shared filesystem or an object store: where every rank can read):
-
     <run root>/PAIRS_READY.json   {"pairs": {"train": ..., "eval": ...}, "has_eval": true}
                                   or {"error": "..."} when preparation failed
 
@@ -19,6 +18,9 @@ import json
 import time
 from typing import Any, Callable
 
+from safedpo_ray.runtime import storage
+from safedpo_ray.train.preempt import STOP_MARKER, clear_marker
+
 READY = "PAIRS_READY.json"
 LOCAL_POLL_S = 0.1
 REMOTE_POLL_S = 2.0  # an object store is asked at most this often
@@ -30,8 +32,6 @@ class NoPairs(Exception):
 
 def withdraw(root: str) -> None:
     """Before the workers start: no announcement of an earlier attempt of this run is left."""
-    from safedpo_ray.train.preempt import clear_marker
-
     clear_marker(_path(root))
 
 
@@ -39,7 +39,6 @@ def announce(root: str, *, pairs: dict[str, str] | None = None, has_eval: bool =
              error: str | None = None) -> None:
     """The driver's side: the prepared split files (what `Prepared.pair_files()["pairs"]` gives),
     or the error that ended preparation."""
-    from safedpo_ray.runtime import storage
 
     payload = {"error": error} if error is not None else {"pairs": pairs, "has_eval": has_eval}
     storage.write_text(_path(root), json.dumps(payload))
@@ -50,8 +49,6 @@ def wait_for_pairs(root: str, agree: Callable[[bool], bool] | None = None, *,
     """The workers' side: {"pairs": ..., "has_eval": ...} once announced. Raises NoPairs on an
     announced error or the driver's stop marker. `agree(gave_up)` -> any rank gave up (an
     all-reduce across ranks); every rank calls it once, after its own wait."""
-    from safedpo_ray.runtime import storage
-    from safedpo_ray.train.preempt import STOP_MARKER
 
     ready, stop = _path(root), storage.join(root, STOP_MARKER)
     poll = poll_s if poll_s is not None else (REMOTE_POLL_S if storage.is_remote(root) else LOCAL_POLL_S)
@@ -76,6 +73,4 @@ def wait_for_pairs(root: str, agree: Callable[[bool], bool] | None = None, *,
 
 
 def _path(root: str) -> str:
-    from safedpo_ray.runtime import storage
-
     return storage.join(root, READY)

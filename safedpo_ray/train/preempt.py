@@ -44,6 +44,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from safedpo_ray.errors import UserError
+from safedpo_ray.runtime import storage
+from safedpo_ray.runtime.ray_env import shutdown
 
 STOP_MARKER = "STOP_REQUESTED.json"
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -64,7 +66,6 @@ def resume_hint(name: str | None) -> str:
 
 class Stopped(UserError):
     """The run stopped on a signal after saving a checkpoint; exits 128 + the signal."""
-
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.signum = signum
@@ -89,7 +90,6 @@ class WorkerStopped(RuntimeError):
 
 class DriverSignals:
     """The driver's signal state for one command (see the module docstring)."""
-
     def __init__(self, run_cfg: Any = None):
         self.run_cfg = run_cfg  # config.RunConfig: its name (set once the run directory is chosen)
         self.stop_timeout_s = float(getattr(run_cfg, "stop_timeout_s", 120.0))
@@ -144,8 +144,6 @@ _active: DriverSignals | None = None
 
 
 def write_marker(marker: str, signum: int) -> None:
-    from safedpo_ray.runtime import storage
-
     try:
         storage.write_text(marker, json.dumps({"signal": signal_name(signum), "pid": os.getpid(),
                                                "time": time.time()}))
@@ -154,8 +152,6 @@ def write_marker(marker: str, signum: int) -> None:
 
 
 def clear_marker(marker: str) -> None:
-    from safedpo_ray.runtime import storage
-
     try:
         if storage.exists(marker):
             fs, path = storage.resolve(marker)
@@ -235,8 +231,6 @@ def shutdown_ray(started_here: bool, *, timeout_s: float = 15.0) -> None:
         return
     if ray.is_initialized():
         try:
-            from safedpo_ray.runtime.ray_env import shutdown
-
             shutdown()
         except Exception as exc:  # keep going: the processes are stopped below
             print(f"[safedpo] warning: ray.shutdown failed: {exc}", flush=True)
@@ -313,7 +307,6 @@ def rearm() -> None:
 def run_fit(fit: Callable[[], Any], *, root: str) -> Any:
     """`fit()` (Ray Train's `trainer.fit()`), in a thread when a command guard is active so the
     main thread keeps handling signals; the stop marker of an earlier stop is removed first."""
-    from safedpo_ray.runtime import storage
 
     marker = storage.join(root, STOP_MARKER)
     clear_marker(marker)
@@ -463,8 +456,6 @@ class StopCheck:
     a checkpoint now and whether to stop (all ranks call `poll` at the same steps)."""
 
     def __init__(self, root: str, strategy, *, poll_interval_s: float | None = None):
-        from safedpo_ray.runtime import storage
-
         global _training_thread
         _training_thread = threading.current_thread()  # a worker SIGTERM waits for it only while it runs
         self.strategy = strategy
@@ -476,8 +467,6 @@ class StopCheck:
         self._drain_saved = False
 
     def _driver_requested(self) -> bool:
-        from safedpo_ray.runtime import storage
-
         if self._driver_signal is not None:
             return True
         now = time.monotonic()

@@ -31,8 +31,14 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from safedpo_ray.evaluate.config import ScorerConfig, dump_yaml, scorer_config_from_dict
-from safedpo_ray.evaluate.loading import EvalError
+from safedpo_ray.config.evaluation import ScorerConfig, dump_yaml, scorer_config_from_dict
+from safedpo_ray.data.score_inputs import encode_for_score, pad_right
+from safedpo_ray.models.loading import TINY_PRESET, build_tiny_model, load_model, load_tokenizer
+from safedpo_ray.models.resolve import EvalError
+from safedpo_ray.models.score_model import LlamaForScore
+from safedpo_ray.runtime.ray_env import ensure_ray
+from safedpo_ray.train.sampler import PairSampler
+from safedpo_ray.train.strategy import DeepSpeedStrategy
 
 SCORER_COLUMNS = ["pair_id", "ids_0", "ids_1", "better", "safer", "unsafe_0", "unsafe_1"]
 
@@ -73,9 +79,6 @@ def pair_losses(kind: str, s0: torch.Tensor, s1: torch.Tensor, batch: dict[str, 
 
 def build_score_model(base_path: str, kind: str, *, bias: bool = True, seed: int = 0):
     """LlamaForScore with the backbone of a Llama causal LM and a fresh score head."""
-    from safedpo_ray.models.score_model import LlamaForScore
-    from safedpo_ray.models.loading import load_model
-
     causal = load_model(base_path)
     config = causal.config
     if getattr(config, "model_type", None) != "llama":
@@ -94,9 +97,6 @@ def build_score_model(base_path: str, kind: str, *, bias: bool = True, seed: int
 
 
 def _tokenize_batch(batch: pd.DataFrame, tokenizer_path: str, max_length: int) -> pd.DataFrame:
-    from safedpo_ray.evaluate.scorers import encode_for_score
-    from safedpo_ray.models.loading import load_tokenizer
-
     tokenizer = load_tokenizer(tokenizer_path)
     prompts = [str(p) for p in batch["prompt"]]
     return pd.DataFrame({
@@ -134,10 +134,7 @@ def _load_rows(shard) -> list[dict[str, Any]]:
 def train_one(kind: str, cfg: ScorerConfig, model_path: str, output_dir: str, tokenizer,
               train_rows: list[dict[str, Any]], eval_rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Train, evaluate and export one score model on this worker (all workers call it together)."""
-    from safedpo_ray.evaluate.scorers import pad_right
-    from safedpo_ray.train.sampler import PairSampler
-    from safedpo_ray.train.strategy import DeepSpeedStrategy
-    from safedpo_ray.train.worker import total_steps_for
+    from safedpo_ray.train.worker import total_steps_for  # lazy: imports pyarrow
 
     tcfg = cfg.as_train_config()
     s = DeepSpeedStrategy(tcfg, on_gpu=cfg.run.use_gpu)
@@ -208,7 +205,6 @@ def scorer_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
 
     import ray.train
 
-    from safedpo_ray.models.loading import load_tokenizer
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cfg = scorer_config_from_dict(loop_config["config"])
@@ -233,9 +229,7 @@ def train_scorer(cfg: ScorerConfig) -> dict[str, Any]:
     from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from safedpo_ray.data.pipeline import read_splits, validate_rows, write_quarantine
-    from safedpo_ray.models.loading import TINY_PRESET, build_tiny_model
-    from safedpo_ray.runtime.ray_env import ensure_ray
+    from safedpo_ray.data.pipeline import read_splits, validate_rows, write_quarantine  # lazy: imports pyarrow
 
     t0 = time.time()
     out = Path(cfg.scorer.output_dir).resolve()

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safedpo_ray.config.training import Config, dump_config
-from safedpo_ray.data.pipeline import read_splits, validate_rows, write_quarantine
+from safedpo_ray.config.training import Config, dump_config, load_config
+from safedpo_ray.data.pipeline import DataError, read_splits, validate_rows, write_quarantine
+from safedpo_ray.data.schema import SchemaError
 from safedpo_ray.data.sft import PLAIN, SFT_COLUMNS, examples_dataset, format_sft_stats, sft_schema, validate_plain_rows
 from safedpo_ray.runtime.ray_env import ensure_ray
 from safedpo_ray.train import preempt
@@ -48,9 +49,6 @@ class Prepared:
 
 def prepare_sft(cfg: Config, run_dir: Path) -> Prepared:
     """Read and validate both splits, pick responses and tokenize (Ray Data); resolve the model."""
-    from safedpo_ray.data.pipeline import DataError
-    from safedpo_ray.data.schema import SchemaError
-
     run_dir.mkdir(parents=True, exist_ok=True)
     train_rows, eval_rows = read_splits(cfg.data, seed=cfg.train.seed)
     validated = {}
@@ -90,11 +88,11 @@ def prepare_sft(cfg: Config, run_dir: Path) -> Prepared:
 
 def sft(cfg: Config) -> dict[str, Any]:
     """Run supervised fine-tuning as configured; returns the summary (also <run>/summary.json)."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from safedpo_ray.train.sft_worker import sft_loop
+    from safedpo_ray.train.sft_worker import sft_loop  # lazy: imports torch
 
     if not cfg.run.name:
         cfg.run.name = time.strftime("sft-%Y%m%d-%H%M%S")
@@ -155,8 +153,6 @@ def format_sft_summary(summary: dict[str, Any]) -> str:
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
-    from safedpo_ray.config.training import load_config
-
     cfg = load_config(args.config, args.overrides)
     with preempt.command_guard(cfg.run):  # SIGTERM/SIGINT: checkpoint, stop; nothing of ours left after
         print(format_sft_summary(sft(cfg)))

@@ -15,10 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from safedpo_ray.config.training import TINY_PRESET, Config, dump_config
+from safedpo_ray.core.loss_names import uses_reference
+from safedpo_ray.data.pipeline import format_stats
 from safedpo_ray.data.prepared import (
     PreparedData,
     cache_base,
     copy_run_files,
+    is_prepared,
     local_cache_base,
     precheck,
     prepare_data,
@@ -26,11 +29,12 @@ from safedpo_ray.data.prepared import (
 )
 from safedpo_ray.data.reference import ReferencePass, reference_logps
 from safedpo_ray.data.sources import config_chunks
+from safedpo_ray.data.task_tokenizer import backend_spec
 from safedpo_ray.errors import UserError
-from safedpo_ray.core.loss_names import uses_reference
-from safedpo_ray.runtime.ray_env import ensure_ray
+from safedpo_ray.runtime import ray_env
 from safedpo_ray.runtime import storage as run_storage
-from safedpo_ray.train import faults, preempt
+from safedpo_ray.runtime.ray_env import ensure_ray
+from safedpo_ray.train import faults, handoff, preempt
 from safedpo_ray.train.early_start import overlaps_preparation
 
 
@@ -105,7 +109,6 @@ def torch_threads(run) -> int:
     """Intra-op threads for each training worker: its reserved CPUs; on a local Ray this process
     started, at least its share of the machine's cores (Ray's workers start with one thread, and a
     single worker on a laptop would leave the other cores idle)."""
-    from safedpo_ray.runtime import ray_env
 
     threads = max(1, int(run.cpus_per_worker))
     local = getattr(ray_env, "_local_cores", None)
@@ -146,7 +149,7 @@ def tiny_model(cfg: Config, out: Path, texts: list[str]) -> Path:
     """The tiny preset in `out` (the run's init-model/, its reference for evaluation). It is
     built once per (training texts, seed, library versions) under the cache and copied into each
     run: training its tokenizer and writing the model took seconds of every run's start."""
-    from safedpo_ray.models.loading import build_tiny_model, is_tiny_model
+    from safedpo_ray.models.loading import build_tiny_model, is_tiny_model  # lazy: imports torch
 
     if is_tiny_model(out):
         return out
@@ -186,13 +189,11 @@ def task_tokenizer_spec(cfg: Config, plan: DataPlan, path: str, texts) -> dict |
     """The Rust-backend spec for preparation's tasks, checked on the data's first texts; None when
     the pairs are prepared already or the backend alone is not exact (or cannot be checked here:
     the tasks then load the tokenizer as before and report any error themselves)."""
-    from safedpo_ray.data.prepared import is_prepared
 
     try:
         if is_prepared(cfg, plan.identity, path):
             return None
-        from safedpo_ray.data.task_tokenizer import backend_spec
-        from safedpo_ray.models.loading import load_tokenizer
+        from safedpo_ray.models.loading import load_tokenizer  # lazy: imports torch
 
         sample = texts[:192] if isinstance(texts, list) else sample_texts(plan.chunks, cfg.data.schema, limit=64)
         return backend_spec(load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code), sample)
@@ -346,7 +347,6 @@ def train_while_preparing(cfg: Config, run_dir: Path, plan: DataPlan, model, *, 
     import threading
     from concurrent.futures import Future
 
-    from safedpo_ray.train import handoff
 
     model_path = run_storage.publish_driver_files(root, run_dir, model.result().path)
     handoff.withdraw(root)
@@ -399,7 +399,7 @@ def fit(cfg: Config, run_dir: Path, prepared, *, storage: str, started: float,
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from safedpo_ray.train.worker import train_loop
+    from safedpo_ray.train.worker import train_loop  # lazy: imports torch
 
     later = prepared if isinstance(prepared, Future) else None
     if later is None:
@@ -455,8 +455,6 @@ def fit(cfg: Config, run_dir: Path, prepared, *, storage: str, started: float,
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    from safedpo_ray.data.pipeline import format_stats
-
     lines = ["", "== SafeDPO run summary ==", format_stats(summary["data"])]
     before, after = summary.get("eval_before", {}), summary.get("eval_after")
     if after is not None:

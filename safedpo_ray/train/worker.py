@@ -16,18 +16,21 @@ from typing import Any
 
 import torch
 
+from safedpo_ray.config.training import Config, config_from_dict
+from safedpo_ray.core import logp_head
 from safedpo_ray.core.algorithm import (
+    PAIR_TYPES,
     MetricSums,
     concatenated_logps,
     loss_options,
+    pair_type_index,
     safedpo_forward,
-    usable_layout,
     tie_aware_accuracy,
+    usable_layout,
 )
-from safedpo_ray.core import logp_head
-from safedpo_ray.config.training import Config, config_from_dict
 from safedpo_ray.core.loss_names import uses_reference
 from safedpo_ray.data.packing import probe_pairs
+from safedpo_ray.data.pairs import PairTable
 from safedpo_ray.data.tokenize import collate_pairs
 from safedpo_ray.models.loading import (
     apply_lora,
@@ -40,9 +43,9 @@ from safedpo_ray.models.loading import (
 from safedpo_ray.runtime.storage import RunOutputs, current_node_id
 from safedpo_ray.train import checkpoints, handoff, preempt
 from safedpo_ray.train.metrics_log import MetricsLog
-from safedpo_ray.train.pairs import PairTable
 from safedpo_ray.train.sampler import PairSampler
 from safedpo_ray.train.strategy import DeepSpeedStrategy
+
 
 def total_steps_for(cfg: Config, sampler: PairSampler) -> int:
     steps = cfg.train.epochs * sampler.steps_per_epoch
@@ -175,7 +178,6 @@ class Worker:
             return {}
         if how == "measured" or not uses_reference(self.cfg.train.loss):
             return self.evaluate()
-        from safedpo_ray.core.algorithm import PAIR_TYPES, pair_type_index
 
         table = self.eval_pairs.table
         types = pair_type_index(torch.as_tensor(table.column("chosen_unsafe").to_numpy(zero_copy_only=False)),

@@ -10,7 +10,6 @@
 its safe part to π* < 0.1, plain DPO unsafe mass ≥ 5× SafeDPO's, on every prompt), 1 otherwise.
 
 In safedpo_ray/cli/main.py:
-
     from safedpo_ray.verify.commands import register as register_verify
     register_verify(sub)          # `sub` = parser.add_subparsers(...)
 """
@@ -21,18 +20,24 @@ import argparse
 import json
 from pathlib import Path
 
+from safedpo_ray.verify.run import (
+    DEFAULT_DELTAS,
+    format_delta_study,
+    format_verify,
+    load_verify_config,
+    run_delta_study,
+    run_verify,
+)
+from safedpo_ray.verify.world import DEFAULT_WORLD, World
+
 
 def _world(args: argparse.Namespace):
-    from safedpo_ray.verify.world import DEFAULT_WORLD, World
-
     if args.world is None:
         return DEFAULT_WORLD
     return World.from_dict(json.loads(Path(args.world).read_text()))
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from safedpo_ray.verify.run import format_verify, load_verify_config, run_verify
-
     cfg = load_verify_config(args.config, args.overrides, name_prefix="verify")
     report = run_verify(cfg, world=_world(args), pairs=args.pairs)
     print(format_verify(report))
@@ -50,8 +55,6 @@ def _deltas(text: str) -> list[float]:
 
 
 def cmd_delta_study(args: argparse.Namespace) -> int:
-    from safedpo_ray.verify.run import format_delta_study, load_verify_config, run_delta_study
-
     cfg = load_verify_config(args.config, args.overrides, name_prefix="delta-study")
     study = run_delta_study(cfg, deltas=args.deltas, world=_world(args), pairs=args.pairs)
     print(format_delta_study(study))
@@ -67,8 +70,6 @@ def _positive(text: str) -> int:
 
 def register(subparsers) -> None:
     """Add `verify` and `delta-study` to an argparse subparsers object."""
-    from safedpo_ray.verify.run import DEFAULT_DELTAS
-
     for name, fn, help_ in (
         ("verify", cmd_verify, "train SafeDPO and plain DPO on a synthetic world; compare with the closed-form optimum"),
         ("delta-study", cmd_delta_study, "SafeDPO on the synthetic world at several Δ: unsafe mass and distance to π*"),

@@ -33,10 +33,23 @@ import numpy as np
 import yaml
 
 from safedpo_ray.config.training import Config, ConfigError, load_config
+from safedpo_ray.data.tokenize import tokenize_pairs
+from safedpo_ray.runtime.ray_env import shutdown
 from safedpo_ray.verify.optima import UNKNOWN_OPTIMUM, ZERO_UNSAFE, LossSpec, flip_labels, loss_optimum
 from safedpo_ray.verify.world import (
-    DEFAULT_WORLD, Candidate, Prompt, World, bt_fit, candidate_distributions, dpo_optimum, pi_star, safe_part,
-    sample_rows, tv_distance, unsafe_mass, write_jsonl,
+    DEFAULT_WORLD,
+    Candidate,
+    Prompt,
+    World,
+    bt_fit,
+    candidate_distributions,
+    dpo_optimum,
+    pi_star,
+    safe_part,
+    sample_rows,
+    tv_distance,
+    unsafe_mass,
+    write_jsonl,
 )
 
 # Tuned on 2 CPU cores: ~1 min per training run (80 steps), TV to π* ≈ 0.04 (noise floor ≈ 0.02).
@@ -118,8 +131,7 @@ def _model_dirs(cfg: Config, summary: dict[str, Any]) -> tuple[str, str]:
 
 def candidate_lengths(model_dir: str, world: World, **kw) -> list[list[int]]:
     """Per prompt, each candidate's response length in tokens (EOS included), as training sees it."""
-    from safedpo_ray.data.tokenize import tokenize_pairs
-    from safedpo_ray.models.loading import load_tokenizer
+    from safedpo_ray.models.loading import load_tokenizer  # lazy: imports torch
 
     tok = load_tokenizer(model_dir)
     out = []
@@ -187,7 +199,7 @@ def score(world: World, rows: list[dict], ref_dir: str, model_dir: str, beta: fl
 
 def _train_and_score(cfg: Config, study_dir: Path, name: str, overrides: list[str], world: World,
                      rows: list[dict], with_optimum: bool = True) -> dict[str, Any]:
-    from safedpo_ray.train.trainer import train
+    from safedpo_ray.train.trainer import train  # lazy: imports pyarrow
 
     sub = _sub_config(cfg, study_dir, name, overrides)
     summary = train(sub)
@@ -211,8 +223,6 @@ def _with_ray(fn):
             return fn(*args, **kwargs)
         finally:
             if started and ray.is_initialized():
-                from safedpo_ray.runtime.ray_env import shutdown
-
                 shutdown()
     return wrapped
 

@@ -32,6 +32,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from safedpo_ray.data.tokenize import collate_pairs, tokenize_pairs
+
 
 @dataclass(frozen=True)
 class Candidate:
@@ -202,8 +204,7 @@ def candidate_logps(model, tokenizer, world: World, *, max_length: int = 512,
     the training code's tokenization (format_prompt/tokenize_pairs/collate_pairs/sequence_logps)."""
     import torch
 
-    from safedpo_ray.data.tokenize import collate_pairs, tokenize_pairs
-    from safedpo_ray.core.logprobs import sequence_logps
+    from safedpo_ray.core.logprobs import sequence_logps  # lazy: imports torch
 
     out = []
     for prompt in world.prompts:
@@ -224,7 +225,7 @@ def candidate_distributions(model_dir: str | Path, world: World, *, max_length: 
                             max_prompt_length: int = 256) -> list[np.ndarray]:
     """Per prompt, the model's distribution over the candidates (sequence probabilities
     renormalized over the candidate set)."""
-    from safedpo_ray.models.loading import load_model, load_tokenizer
+    from safedpo_ray.models.loading import load_model, load_tokenizer  # lazy: imports torch
 
     model = load_model(str(model_dir)).eval()
     tokenizer = load_tokenizer(str(model_dir))

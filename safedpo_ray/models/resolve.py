@@ -15,6 +15,9 @@ from typing import Any
 import torch
 import yaml
 
+from safedpo_ray.models.loading import load_model
+from safedpo_ray.runtime.storage import localize_run
+
 
 class EvalError(RuntimeError):
     """An evaluation that cannot run as asked; the message says what to change."""
@@ -51,8 +54,6 @@ def _run_base_model(run: Path) -> str | None:
 
 def resolve_model(path: str, *, label: str | None = None, reference: str | None = None) -> ModelSpec:
     """Where the policy weights, a LoRA adapter and the reference are for `path`."""
-    from safedpo_ray.runtime.storage import localize_run
-
     path = localize_run(path)  # s3://.../run or .../run/model: fetched once (no checkpoints)
     p = Path(path)
     if reference and Path(reference).exists():
@@ -99,8 +100,6 @@ def tokenizer_source(spec: ModelSpec) -> str:
 def load_policy(spec: ModelSpec, *, dtype: str = "float32", trust_remote_code: bool = False,
                 device: str | torch.device = "cpu") -> torch.nn.Module:
     """The policy in eval mode, frozen; a PeftModel when the spec has an adapter."""
-    from safedpo_ray.models.loading import load_model
-
     model = load_model(spec.path, dtype=dtype, trust_remote_code=trust_remote_code)
     if spec.adapter:
         from peft import PeftModel
@@ -114,8 +113,6 @@ def load_policy(spec: ModelSpec, *, dtype: str = "float32", trust_remote_code: b
 def load_reference(spec: ModelSpec, *, dtype: str = "float32", trust_remote_code: bool = False,
                    device: str | torch.device = "cpu") -> torch.nn.Module | None:
     """The reference model, or None when the policy's adapter-free base is the reference."""
-    from safedpo_ray.models.loading import load_model
-
     if spec.reference is None:
         if spec.adapter:
             return None
