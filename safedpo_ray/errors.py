@@ -8,3 +8,7 @@ class UserError(ValueError):
 
 class ConfigError(UserError):
     """A configuration problem; the message names the key."""
+
+
+class EvalError(UserError):
+    """An evaluation that cannot run as asked; the message says what to change."""

@@ -121,10 +121,16 @@ def test_worker_output_is_sorted_without_ray(tmp_path, monkeypatch, capsys):
     assert [d["pid"] for d in printed] == ["autoscaler"]  # Ray's own printer keeps the cluster's events
 
 
-def test_only_ray_commands_get_a_console_and_verbose():
+def test_only_ray_commands_get_a_console_and_verbose(monkeypatch):
     from safedpo_ray.cli.main import build_parser
 
     parser = build_parser()
     assert parser.parse_args(["train", "--verbose"]).verbose
     assert parser.parse_args(["evaluate", "--verbose"]).verbose and parser.parse_args(["tune", "--verbose"]).verbose
-    assert console.start("config") is None and console.start("submit") is None
+    assert "--verbose" not in parser.parse_args(["config"]) and "--verbose" not in parser.parse_args(["jobs", "list"])
+    from safedpo_ray.cli.main import main
+
+    started = []
+    monkeypatch.setattr(console, "start", lambda *a, **k: started.append(a))
+    assert main(["config", "train.beta=0.2"]) == 0
+    assert started == []  # config runs no Ray: no console session

@@ -1,6 +1,5 @@
 """Evaluation config, model resolution, the vLLM engine mapping, CLI flags and reports (no Ray)."""
 
-import argparse
 import dataclasses
 import json
 import math
@@ -117,10 +116,10 @@ def test_resolve_run_dirs_and_adapters(tmp_path):
 
 
 def test_cli_flags_map_to_config():
-    from safedpo_ray.evaluate.commands import eval_flags, register
+    from safedpo_ray.cli.main import build_parser
+    from safedpo_ray.evaluate.commands import eval_flags
 
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     args = parser.parse_args(["evaluate", "--model", "runs/a", "--model", "runs/b", "--data", "pku.jsonl",
                               "--xstest", "xs.csv", "--cost-model", "c", "--baseline", "a", "--generations", "g.jsonl",
                               "generation.seed=3"])
@@ -180,10 +179,10 @@ def test_new_config_checks(override, match):
 
 
 def test_cli_anchor_and_resume_flags():
-    from safedpo_ray.evaluate.commands import eval_flags, register
+    from safedpo_ray.cli.main import build_parser
+    from safedpo_ray.evaluate.commands import eval_flags
 
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     args = parser.parse_args(["evaluate", "--model", "a", "--anchor-zero", "sft", "--anchor-ten", "dpo-helpful",
                               "--resume", "eval/e1"])
     assert eval_flags(args)["scoring"] == {"anchor_zero": "sft", "anchor_ten": "dpo-helpful"}

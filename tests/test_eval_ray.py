@@ -82,7 +82,7 @@ XSTEST = """id,prompt,type,label,focus,note
 
 @pytest.mark.timeout(480)
 def test_train_scorer_then_evaluate_end_to_end(ray_local, tiny_run, tmp_path, capsys):
-    from safedpo_ray.evaluate.commands import main
+    from safedpo_ray.cli.main import main
 
     scorers = tmp_path / "scorers"
     assert main(["train-scorer", "--kind", "both", "--output", str(scorers), "data.synthetic_prompts=32",

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from safedpo_ray.evaluate import runner
-from safedpo_ray.evaluate.commands import main
+from safedpo_ray.cli.main import main
 from safedpo_ray.config.evaluation import load_eval_config
 
 pytestmark = pytest.mark.timeout(120)

@@ -4,7 +4,6 @@
     python -m pytest -q tests/test_verify.py -k "not e2e"  # unit tests only
 """
 
-import argparse
 import math
 from collections import Counter
 from pathlib import Path
@@ -85,11 +84,10 @@ def test_bt_fit_recovers_rewards_and_world_round_trip():
 
 
 def test_commands_register_and_config_layers(tmp_path):
-    from safedpo_ray.verify.commands import register
+    from safedpo_ray.cli.main import build_parser
     from safedpo_ray.verify.run import load_verify_config
 
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser()
     args = parser.parse_args(["delta-study", "--deltas", "0,5", "--pairs", "7", "train.max_steps=3"])
     assert args.deltas == [0.0, 5.0] and args.pairs == 7 and args.overrides == ["train.max_steps=3"]
     assert parser.parse_args(["verify"]).fn.__name__ == "cmd_verify"

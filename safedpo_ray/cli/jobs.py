@@ -30,17 +30,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from safedpo_ray.cli.main import build_parser
-from safedpo_ray.config.evaluation import load_eval_config, load_scorer_config
-from safedpo_ray.config.training import ConfigError, load_config
+from safedpo_ray.cli.verbs import BY_NAME, SUBMIT_VERBS, Verb, parser_for
+from safedpo_ray.config.training import ConfigError
 from safedpo_ray.errors import UserError
-from safedpo_ray.evaluate.commands import eval_flags
 from safedpo_ray.runtime.secret_guard import assert_not_in, check_job_env
 from safedpo_ray.runtime.storage import WHAT_TO_SET
-from safedpo_ray.search.space import base_config, load_space, split_overrides
-from safedpo_ray.verify.run import load_verify_config
 
-SUBMIT_VERBS = ("train", "prepare", "tune", "evaluate", "train-scorer", "verify")
 # Never shipped with a job: version control, environments, outputs and caches.
 DEFAULT_EXCLUDES = [".git", ".venv", "venv", "env", "runs", "eval", "scorers", "**/__pycache__", "*.egg-info",
                     ".pytest_cache", ".mypy_cache", ".cache", "*.safetensors", "*.bin", "*.gguf", "*.pt",
@@ -122,14 +117,6 @@ def alive_node_count(address: str) -> int | None:
 # --------------------------------------------------------------------------- checking a job
 
 
-def _subcommands() -> dict[str, argparse.ArgumentParser]:
-    parser = build_parser()
-    for action in parser._actions:  # the sub-command table of `safedpo-ray`
-        if isinstance(action, argparse._SubParsersAction):
-            return dict(action.choices)
-    return {}
-
-
 # Arguments naming a local file that must travel with the job: (flag, required to exist).
 # `tune --space` may also name a shipped space (quick, paper-grid...), left as is.
 FILE_FLAGS = {"--config": True, "--space": False}
@@ -145,24 +132,6 @@ def _file_args(argv: list[str]) -> list[tuple[str, int, str]]:
             elif tok.startswith(flag + "="):
                 found.append((flag, i, tok.split("=", 1)[1]))
     return found
-
-
-def validate(verb: str, ns: argparse.Namespace | None, config: Path | None) -> None:
-    """Load the verb's configuration as the job will (ConfigError names the key)."""
-    if ns is None:
-        return
-    overrides = getattr(ns, "overrides", None) or []
-    if verb in ("train", "prepare"):
-        load_config(config, overrides)
-    elif verb == "evaluate":
-        load_eval_config(config, overrides, eval_flags(ns))
-    elif verb == "train-scorer":
-        load_scorer_config(config, overrides)
-    elif verb == "verify":
-        load_verify_config(config, overrides)
-    elif verb == "tune":
-        search_overrides, train_overrides = split_overrides(overrides)
-        base_config(config, load_space(getattr(ns, "space", None), search_overrides), train_overrides)
 
 
 def build_job(command: list[str], *, working_dir: Path, excludes: list[str] | None = None,
@@ -181,14 +150,11 @@ def build_job(command: list[str], *, working_dir: Path, excludes: list[str] | No
     working_dir = working_dir.resolve()
     if not working_dir.is_dir():
         raise JobsError(f"--working-dir {working_dir} is not a directory")
-    ns = None
-    parser = _subcommands().get(verb)
-    if parser is not None:
-        try:
-            ns = parser.parse_args(args)
-        except SystemExit as exc:  # argparse printed the problem
-            raise JobsError(f"the job's command line `safedpo-ray {shlex.join(command)}` is invalid "
-                            "(see above); nothing was submitted") from exc
+    try:
+        ns = parser_for(verb).parse_args(args)
+    except SystemExit as exc:  # argparse printed the problem
+        raise JobsError(f"the job's command line `safedpo-ray {shlex.join(command)}` is invalid "
+                        "(see above); nothing was submitted") from exc
     config = None
     for flag, index, raw in _file_args(args):
         path = Path(raw).expanduser()
@@ -205,9 +171,11 @@ def build_job(command: list[str], *, working_dir: Path, excludes: list[str] | No
                             "run submit from a directory that contains it, or pass --working-dir") from None
         shipped = rel.as_posix()  # the job runs in the shipped copy of working_dir
         args[index] = shipped if args[index] == raw else f"{flag}={shipped}"
-    validate(verb, ns, config)
+    if config is not None:
+        ns.config = config  # loaded as the job will load its shipped copy
+    loaded = BY_NAME[verb].load(ns)  # ConfigError names the key; nothing is shipped
 
-    check_job_env(env or {}, _secret_env_names(verb, ns, config))  # secrets stay in the cluster's own env
+    check_job_env(env or {}, _secret_env_names(verb, loaded))  # secrets stay in the cluster's own env
     runtime_env: dict[str, Any] = {"working_dir": str(working_dir),
                                    "excludes": DEFAULT_EXCLUDES + list(excludes or [])}
     if env:
@@ -215,15 +183,14 @@ def build_job(command: list[str], *, working_dir: Path, excludes: list[str] | No
     entrypoint = shlex.join(["safedpo-ray", verb, *args])
     assert_not_in({"entrypoint": entrypoint, "runtime_env": runtime_env}, "the job's command line or runtime_env")
     return {"entrypoint": entrypoint, "runtime_env": runtime_env,
-            "verb": verb, "config": config, "namespace": ns}
+            "verb": verb, "config": config, "namespace": ns, "loaded": loaded}
 
 
-def _secret_env_names(verb: str, ns: argparse.Namespace | None, config: Path | None) -> list[str]:
+def _secret_env_names(verb: str, loaded: Any) -> list[str]:
     """Variables the job's configuration reads a secret from (evaluate: judge.api_key_env)."""
-    if verb != "evaluate" or ns is None:
+    if verb != "evaluate":
         return []
-
-    return [load_eval_config(config, getattr(ns, "overrides", None) or [], eval_flags(ns)).judge.api_key_env or ""]
+    return [loaded.judge.api_key_env or ""]
 
 
 def _env_vars(items: list[str] | None) -> dict[str, str]:
@@ -244,9 +211,7 @@ def _storage_unset_on_cluster(job: dict[str, Any], address: str) -> None:
     if job["verb"] != "train":
         return
 
-    ns = job["namespace"]
-    cfg = load_config(job["config"], getattr(ns, "overrides", None) or [])
-    if cfg.run.storage_path:
+    if job["loaded"].run.storage_path:
         return
     nodes = alive_node_count(address)
     if nodes and nodes > 1:
@@ -366,14 +331,14 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers) -> None:
-    """Add `submit` and `jobs` to the `safedpo-ray` sub-command parser."""
-    address_help = "Ray dashboard / job server, e.g. http://127.0.0.1:8265 (default: $RAY_ADDRESS)"
-    p = subparsers.add_parser(
-        "submit", help="submit a train/prepare/tune/evaluate/train-scorer/verify job to a Ray cluster (Ray Jobs API)",
-        usage="safedpo-ray submit [--address URL] [--wait] [options] -- VERB ARGS...",
-        description="Check the command here, ship the working directory (with a --config file) as the job's "
-                    f"runtime_env, and run `safedpo-ray VERB ARGS...` on the cluster. VERB: {', '.join(SUBMIT_VERBS)}.")
+ADDRESS_HELP = "Ray dashboard / job server, e.g. http://127.0.0.1:8265 (default: $RAY_ADDRESS)"
+
+
+def submit_arguments(p: argparse.ArgumentParser) -> None:
+    p.usage = "safedpo-ray submit [--address URL] [--wait] [options] -- VERB ARGS..."
+    p.description = ("Check the command here, ship the working directory (with a --config file) as the job's "
+                     f"runtime_env, and run `safedpo-ray VERB ARGS...` on the cluster. VERB: {', '.join(SUBMIT_VERBS)}.")
+    address_help = ADDRESS_HELP
     p.add_argument("--address", help=address_help)
     p.add_argument("--wait", action="store_true", help="follow the job's logs until it ends; exit 1 if it failed")
     p.add_argument("--working-dir", dest="working_dir", help="directory shipped with the job (default: current)")
@@ -384,9 +349,10 @@ def register(subparsers) -> None:
     p.add_argument("--name", help="job id to use (default: generated)")
     p.add_argument("job", nargs=argparse.REMAINDER, metavar="-- VERB ARGS...",
                    help="the safedpo-ray command the cluster runs")
-    p.set_defaults(fn=cmd_submit)
 
-    j = subparsers.add_parser("jobs", help="list, inspect, follow or stop cluster jobs")
+
+def jobs_arguments(j: argparse.ArgumentParser) -> None:
+    address_help = ADDRESS_HELP
     jsub = j.add_subparsers(dest="jobs_command", required=True)
     for name, fn, help_ in (("list", cmd_list, "jobs on the cluster"),
                             ("status", cmd_status, "a job's status (exit 1 if it failed or was stopped)"),
@@ -398,4 +364,16 @@ def register(subparsers) -> None:
             q.add_argument("job_id", metavar="ID")
         if name == "logs":
             q.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
-        q.set_defaults(fn=fn)
+        q.set_defaults(jobs_fn=fn)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    return args.jobs_fn(args)
+
+
+JOB_VERBS = (
+    Verb("submit", f"submit a {'/'.join(SUBMIT_VERBS)} job to a Ray cluster (Ray Jobs API)", cmd_submit, None,
+         submit_arguments, on_ray=False, submittable=False),
+    Verb("jobs", "list, inspect, follow or stop cluster jobs", cmd_jobs, None, jobs_arguments,
+         on_ray=False, submittable=False),
+)

@@ -1,4 +1,4 @@
-"""The `safedpo-ray` command: one thin function per verb.
+"""The `safedpo-ray` command: the verbs of cli/verbs.py (and cli/jobs.py) on one parser.
 
     safedpo-ray train                               # built-in default: synthetic data, tiny model, 2 workers, ZeRO-2
     safedpo-ray train --config my.yaml train.delta=5 run.num_workers=8 run.use_gpu=true
@@ -16,79 +16,28 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from safedpo_ray.config.training import ConfigError, dump_config, load_config
-from safedpo_ray.errors import UserError
-from safedpo_ray.evaluate.commands import register as register_evaluate
+from safedpo_ray.cli.jobs import JOB_VERBS
+from safedpo_ray.cli.verbs import VERBS
+from safedpo_ray.errors import ConfigError, UserError
 from safedpo_ray.runtime import console
-from safedpo_ray.search.commands import register as register_tune
-from safedpo_ray.train.preempt import command_guard
-from safedpo_ray.verify.commands import register as register_verify
 
-
-def _load(args: argparse.Namespace):
-    return load_config(args.config, args.overrides)
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from safedpo_ray.train.trainer import format_summary, train  # lazy: imports pyarrow
-
-    cfg = _load(args)
-    # SIGTERM/SIGINT: checkpoint, stop, exit 143/130; at the end nothing we started keeps running
-    with command_guard(cfg.run):
-        print(format_summary(train(cfg)))
-    return 0
-
-
-def cmd_prepare(args: argparse.Namespace) -> int:
-    from safedpo_ray.data.pipeline import format_stats  # lazy: imports pyarrow
-    from safedpo_ray.train.trainer import plan_data, prepare, run_dir_for  # lazy: imports pyarrow
-
-    cfg = _load(args)
-    plan = plan_data(cfg)  # a bad source is reported before Ray starts
-    run_dir = run_dir_for(cfg)
-    prepared = prepare(cfg, run_dir, plan, dashboard=False)  # no Ray Train here: no dashboard needed
-    print(format_stats(prepared.stats))
-    print(f"prepared pairs: {prepared.data.root} (train.arrow, eval.arrow; reused by later runs)\n"
-          f"statistics: {run_dir / 'data_stats.json'}  tokenizer/model: {prepared.model_path}")
-    return 0
-
-
-def cmd_config(args: argparse.Namespace) -> int:
-    print(dump_config(_load(args)), end="")
-    return 0
+ALL_VERBS = {v.name: v for v in VERBS + JOB_VERBS}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="safedpo-ray", description="Ray-distributed SafeDPO training.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, fn, help_ in (
-        ("train", cmd_train, "train a model with SafeDPO (Ray Train + DeepSpeed)"),
-        ("prepare", cmd_prepare, "run the data pipeline; write prepared pairs and statistics"),
-        ("config", cmd_config, "print the resolved configuration"),
-    ):
-        p = sub.add_parser(name, help=help_)
-        p.add_argument("--config", type=Path, default=None, help="YAML config file (default: built-in defaults)")
-        p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. train.beta=0.05")
-        p.set_defaults(fn=fn)
-
-    from safedpo_ray.train.sft import register as register_sft  # lazy: imports pyarrow
-
-    register_sft(sub)
-    register_evaluate(sub)
-
-    register_tune(sub)
-    register_verify(sub)
-    __import__("safedpo_ray.cli.jobs", fromlist=["register"]).register(sub)  # submit, jobs (Ray Jobs API)
-    __import__("safedpo_ray.runtime.console", fromlist=["x"]).add_verbose_flag(sub)  # --verbose on the Ray commands
+    for verb in ALL_VERBS.values():
+        verb.add_to(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
-    console.start(args.command, verbose=getattr(args, "verbose", False))
+    if ALL_VERBS[args.command].on_ray:  # Ray's and the libraries' logs to a file, ours on the console
+        console.start(args.command, verbose=args.verbose)
     code = 1
     try:
         code = args.fn(args)

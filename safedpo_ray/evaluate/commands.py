@@ -1,4 +1,4 @@
-"""The `evaluate` and `train-scorer` verbs of `safedpo-ray` (`register(subparsers)` adds them).
+"""The `evaluate` and `train-scorer` verbs of `safedpo-ray` (their table: safedpo_ray/cli/verbs.py).
 
     safedpo-ray evaluate --model runs/r1 --data pku_test.jsonl                       # implicit + generation
     safedpo-ray evaluate --model runs/base --model runs/safedpo --data pku_test.jsonl \
@@ -14,7 +14,6 @@
 
 On a cluster: the same commands with `ray.address=auto` (evaluate) / `run.address=auto`
 (train-scorer), or shipped with `ray job submit -- safedpo-ray evaluate ...`.
-Before the main CLI wires them: `python -m safedpo_ray.evaluate.commands evaluate ...`.
 """
 
 from __future__ import annotations
@@ -25,13 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from safedpo_ray.config.evaluation import load_eval_config, load_scorer_config
-from safedpo_ray.config.training import ConfigError
 from safedpo_ray.evaluate.judge import JudgeError
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, default=None, help="YAML config file (default: built-in defaults)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. generation.num_actors=4")
 
 
 def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -59,6 +52,22 @@ def eval_flags(args: argparse.Namespace) -> dict[str, Any]:
     return tree
 
 
+def load_evaluate(args: argparse.Namespace):
+    return load_eval_config(args.config, args.overrides, eval_flags(args))
+
+
+def scorer_flags(args: argparse.Namespace) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for key, attr in (("data.source", "data"), ("scorer.base_model", "base"), ("scorer.kind", "kind"),
+                      ("scorer.output_dir", "output")):
+        _set(tree, key, getattr(args, attr, None))
+    return tree
+
+
+def load_train_scorer(args: argparse.Namespace):
+    return load_scorer_config(args.config, args.overrides, scorer_flags(args))
+
+
 def _report_error(exc: BaseException, code: int = 2) -> int:
     print(f"safedpo-ray: {exc}", file=sys.stderr)
     return code
@@ -66,7 +75,6 @@ def _report_error(exc: BaseException, code: int = 2) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from safedpo_ray.evaluate.runner import evaluate, format_results  # lazy: imports pyarrow, torch
-    from safedpo_ray.models.resolve import EvalError  # lazy: imports torch
 
     config, flags = args.config, eval_flags(args)
     if getattr(args, "resume", None):
@@ -84,32 +92,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         where = Path(exc.path).parent if exc.path else Path(cfg.output.dir)
         return _report_error(f"judge: {exc}\neverything else was measured and kept: {where / 'results.json'}\n"
                              f"to judge the rest: safedpo-ray evaluate --resume {where}", 1)
-    except EvalError as exc:
-        return _report_error(exc)
     print(format_results(results))
     return 0
 
 
 def cmd_train_scorer(args: argparse.Namespace) -> int:
-    from safedpo_ray.models.resolve import EvalError  # lazy: imports torch
     from safedpo_ray.train.scorer import format_scorer_summary, train_scorer  # lazy: imports pandas, torch
 
-    tree: dict[str, Any] = {}
-    for key, value in (("data.source", args.data), ("scorer.base_model", args.base), ("scorer.kind", args.kind),
-                       ("scorer.output_dir", args.output)):
-        _set(tree, key, value)
-    cfg = load_scorer_config(args.config, args.overrides, tree)
-    try:
-        summary = train_scorer(cfg)
-    except EvalError as exc:
-        return _report_error(exc)
+    cfg = load_train_scorer(args)
+    summary = train_scorer(cfg)
     print(format_scorer_summary(summary))
     return 0
 
 
-def register(subparsers) -> None:
-    """Add `evaluate` and `train-scorer` to the `safedpo-ray` sub-command parser."""
-    p = subparsers.add_parser("evaluate", help="implicit-reward metrics, generation, cost/reward scoring, XSTest, judge")
+def evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", action="append", help="model dir, run dir or LoRA adapter (repeat for several)")
     p.add_argument("--label", action="append", help="report name for each --model, in order")
     p.add_argument("--reference", help="reference model for implicit rewards (default: from the run dir)")
@@ -126,32 +122,10 @@ def register(subparsers) -> None:
     p.add_argument("--anchor-zero", dest="anchor_zero", help="model label whose mean reward is helpfulness 0 (e.g. sft)")
     p.add_argument("--anchor-ten", dest="anchor_ten", help="model label whose mean reward is helpfulness 10 (e.g. dpo-helpful)")
     p.add_argument("--compare", action="append", help="results.json of an earlier evaluation to plot beside")
-    _common(p)
-    p.set_defaults(fn=cmd_evaluate)
 
-    q = subparsers.add_parser("train-scorer", help="train cost/reward score models (safe-rlhf format) with Ray Train")
+
+def train_scorer_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--data", help="PKU-SafeRLHF-style preference data: 'synthetic', a file, or a hub id")
     q.add_argument("--base", help="backbone: 'tiny', a Llama hub id or directory")
     q.add_argument("--kind", choices=("cost", "reward", "both"), help="which model(s) to train")
     q.add_argument("--output", help="where cost/ and reward/ are written")
-    _common(q)
-    q.set_defaults(fn=cmd_train_scorer)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="safedpo-ray", description="SafeDPO evaluation verbs.")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.fn(args)
-    except ConfigError as exc:
-        print(f"safedpo-ray: config error: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:
-        if type(exc).__name__ in ("DataError", "SourceError", "SchemaError"):
-            return _report_error(exc)
-        raise
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from safedpo_ray.config.evaluation import JudgeConfig
+from safedpo_ray.errors import UserError
 from safedpo_ray.evaluate.judge_prompts import (
     PARSERS,
     VERSIONS,
@@ -52,7 +53,7 @@ __all__ = ["JUDGE_SYSTEM", "JUDGE_TEMPLATE", "JudgeError", "JudgeClient", "parse
            "judge_xstest", "judge_pairwise", "judge_summary", "pairwise_summary", "load_verdicts", "item_key"]
 
 
-class JudgeError(RuntimeError):
+class JudgeError(UserError):
     """The judge could not finish; `completed` verdicts are kept in `path`."""
     def __init__(self, message: str, *, completed: int = 0, total: int = 0, path: str | None = None):
         super().__init__(message)

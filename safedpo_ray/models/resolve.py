@@ -15,12 +15,9 @@ from typing import Any
 import torch
 import yaml
 
+from safedpo_ray.errors import EvalError  # noqa: F401 (raised here; imported from here by evaluate/)
 from safedpo_ray.models.loading import load_model
 from safedpo_ray.runtime.storage import localize_run
-
-
-class EvalError(RuntimeError):
-    """An evaluation that cannot run as asked; the message says what to change."""
 
 
 @dataclass

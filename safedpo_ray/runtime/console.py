@@ -45,7 +45,6 @@ from safedpo_ray.runtime.storage import local_run_dir
 
 TAGS = ("[safedpo]", "[sft]")
 LOG_DIR, LOG_FILE = "logs", "console.log"
-RAY_COMMANDS = ("train", "prepare", "sft", "evaluate", "train-scorer", "tune", "verify", "delta-study")
 # Loggers that print on their own (propagate=False, a console handler of their own).
 LIBRARY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "transformers", "datasets", "huggingface_hub",
                    "DeepSpeed", "deepspeed", "torch", "peft", "accelerate", "filelock", "urllib3")
@@ -54,15 +53,6 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # colours Ray puts in its messages
 _FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 _session: "Session | None" = None
-
-
-def add_verbose_flag(subparsers_action) -> None:
-    """`--verbose` on every command that runs on Ray."""
-    for name, parser in subparsers_action.choices.items():
-        if name in RAY_COMMANDS and not any("--verbose" in a.option_strings for a in parser._actions):
-            parser.add_argument("--verbose", action="store_true",
-                                help="also print Ray's and the libraries' logs here (they always go to "
-                                     "<run>/logs/console.log)")
 
 
 class _FileHandler(logging.Handler):
@@ -304,11 +294,9 @@ class Session:
             print(f"safedpo-ray: Ray's and the libraries' logs: {self.path}", file=sys.stderr)
 
 
-def start(command: str, verbose: bool = False) -> Session | None:
-    """Begin a command's console (only for commands that run on Ray); returns the session."""
+def start(command: str, verbose: bool = False) -> Session:
+    """Begin the console of a command that runs on Ray (cli/verbs.py says which do); returns the session."""
     global _session
-    if command not in RAY_COMMANDS:
-        return None
     finish()
     _session = Session(command, verbose)
     name = ray_env.driver_accelerator_env()  # a cause of a warning, fixed (not hidden) in both modes

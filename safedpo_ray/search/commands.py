@@ -1,4 +1,4 @@
-"""The `tune` verb of `safedpo-ray` (`register(subparsers)` adds it).
+"""The `tune` verb of `safedpo-ray` (its table: safedpo_ray/cli/verbs.py).
 
     safedpo-ray tune                                        # built-in quick sweep (tune/quick.yaml)
     safedpo-ray tune --space paper-grid --config my.yaml    # the paper's Δ × β grid
@@ -9,28 +9,27 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from safedpo_ray.search.experiment import format_summary, run_experiment
 from safedpo_ray.search.space import base_config, load_space, split_overrides
 
 
-def cmd_tune(args: argparse.Namespace) -> int:
+def load_tune(args: argparse.Namespace):
+    """The search space and the training config every trial starts from."""
     search_overrides, train_overrides = split_overrides(args.overrides)
     spec = load_space(args.space, search_overrides)
-    base = base_config(args.config, spec, train_overrides)
+    return spec, base_config(args.config, spec, train_overrides)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    spec, base = load_tune(args)
     summary = run_experiment(spec, base, resume=args.resume)
     print(format_summary(summary))
     return 0
 
 
-def register(sub) -> None:
-    p = sub.add_parser("tune", help="search β, Δ or any config key with Ray Tune; pick the most helpful safe model")
+def tune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--space", default=None,
                    help="search space: a YAML file or a shipped space (quick, paper-grid, optuna); default quick")
-    p.add_argument("--config", type=Path, default=None, help="training config every trial starts from")
     p.add_argument("--resume", default=None, metavar="NAME",
                    help="continue experiment NAME (under run.output_dir): finished trials are kept")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="training overrides (train.max_steps=50) or search settings (tune.num_samples=8)")
-    p.set_defaults(fn=cmd_tune)

@@ -15,14 +15,13 @@ covers response tokens only. `<run>/model` is a full Hugging Face model: pass it
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safedpo_ray.config.training import Config, dump_config, load_config
+from safedpo_ray.config.training import Config, dump_config
 from safedpo_ray.data.pipeline import DataError, read_splits, validate_rows, write_quarantine
 from safedpo_ray.data.schema import SchemaError
 from safedpo_ray.data.sft import PLAIN, SFT_COLUMNS, examples_dataset, format_sft_stats, sft_schema, validate_plain_rows
@@ -150,19 +149,3 @@ def format_sft_summary(summary: dict[str, Any]) -> str:
                      f"run.name={Path(summary['run_dir']).name}")
     lines.append(f"run directory: {summary['run_dir']} ({summary['wall_time_s']} s)")
     return "\n".join(lines)
-
-
-def cmd_sft(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
-    with preempt.command_guard(cfg.run):  # SIGTERM/SIGINT: checkpoint, stop; nothing of ours left after
-        print(format_sft_summary(sft(cfg)))
-    return 0
-
-
-def register(subparsers) -> None:
-    """Add the `sft` verb to an argparse subparsers object (safedpo_ray/cli/main.py)."""
-    help_ = "supervised fine-tuning on safe responses (Ray Train + DeepSpeed): the step before SafeDPO"
-    p = subparsers.add_parser("sft", help=help_, description=help_)
-    p.add_argument("--config", type=Path, default=None, help="YAML config file (default: built-in defaults)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. sft.responses=all_safe")
-    p.set_defaults(fn=cmd_sft)

@@ -1,4 +1,4 @@
-"""The `verify` and `delta-study` verbs of `safedpo-ray` (wired in by `register(subparsers)`).
+"""The `verify` and `delta-study` verbs of `safedpo-ray` (their table: safedpo_ray/cli/verbs.py).
 
     safedpo-ray verify                                # SafeDPO and plain DPO vs the closed-form π*
     safedpo-ray verify --config my.yaml train.delta=10 --pairs 200
@@ -37,8 +37,12 @@ def _world(args: argparse.Namespace):
     return World.from_dict(json.loads(Path(args.world).read_text()))
 
 
+def load_verify(args: argparse.Namespace):
+    return load_verify_config(args.config, args.overrides, name_prefix=args.command)
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
-    cfg = load_verify_config(args.config, args.overrides, name_prefix="verify")
+    cfg = load_verify(args)
     report = run_verify(cfg, world=_world(args), pairs=args.pairs)
     print(format_verify(report))
     return 0 if report["passed"] else 1
@@ -55,7 +59,7 @@ def _deltas(text: str) -> list[float]:
 
 
 def cmd_delta_study(args: argparse.Namespace) -> int:
-    cfg = load_verify_config(args.config, args.overrides, name_prefix="delta-study")
+    cfg = load_verify(args)
     study = run_delta_study(cfg, deltas=args.deltas, world=_world(args), pairs=args.pairs)
     print(format_delta_study(study))
     return 0
@@ -68,19 +72,13 @@ def _positive(text: str) -> int:
     return value
 
 
-def register(subparsers) -> None:
-    """Add `verify` and `delta-study` to an argparse subparsers object."""
-    for name, fn, help_ in (
-        ("verify", cmd_verify, "train SafeDPO and plain DPO on a synthetic world; compare with the closed-form optimum"),
-        ("delta-study", cmd_delta_study, "SafeDPO on the synthetic world at several Δ: unsafe mass and distance to π*"),
-    ):
-        p = subparsers.add_parser(name, help=help_, description=help_)
-        p.add_argument("--config", type=Path, default=None, help="YAML config file (over the verify defaults)")
-        p.add_argument("--pairs", type=_positive, default=100,
-                       help="Bradley–Terry pairs sampled per (prompt, candidate pair) (default 100)")
-        p.add_argument("--world", type=Path, default=None, help="world JSON (default: the built-in world)")
-        if name == "delta-study":
-            p.add_argument("--deltas", type=_deltas, default=list(DEFAULT_DELTAS),
-                           help="comma-separated Δ values (default 0,2,5,10,20)")
-        p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. train.max_steps=120")
-        p.set_defaults(fn=fn)
+def verify_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pairs", type=_positive, default=100,
+                   help="Bradley–Terry pairs sampled per (prompt, candidate pair) (default 100)")
+    p.add_argument("--world", type=Path, default=None, help="world JSON (default: the built-in world)")
+
+
+def delta_study_arguments(p: argparse.ArgumentParser) -> None:
+    verify_arguments(p)
+    p.add_argument("--deltas", type=_deltas, default=list(DEFAULT_DELTAS),
+                   help="comma-separated Δ values (default 0,2,5,10,20)")
