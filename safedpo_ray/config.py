@@ -111,6 +111,10 @@ class TrainConfig:
     """ε in [0, 0.5): assumed label-flip rate of the 'robust' loss (0 = the sigmoid loss)."""
     simpo_gamma: float = 0.5
     """γ ≥ 0: SimPO's target reward margin (loss 'simpo' only)."""
+    ipo_logps: str = "mean"
+    """Loss 'ipo' only: 'mean' averages each response's log-ratio per token before the loss (TRL's
+    `ipo`, and by TRL's account the IPO authors' reported results), 'sum' uses the sequence sums
+    (this package's `ipo` before; the same β then means a different loss)."""
     learning_rate: float = 5e-4
     """Peak learning rate (AdamW)."""
     weight_decay: float = 0.0
@@ -432,6 +436,8 @@ def _check_loss(cfg: Config) -> None:
         raise ConfigError(f"'train.label_smoothing' is used by train.loss=robust only (train.loss is '{t.loss}')")
     if t.simpo_gamma < 0:
         raise ConfigError(f"'train.simpo_gamma' must be >= 0, got {t.simpo_gamma}")
+    if t.ipo_logps != "mean" and t.loss != "ipo":
+        raise ConfigError(f"'train.ipo_logps' is used by train.loss=ipo only (train.loss is '{t.loss}')")
 
 
 def _check_sft(cfg: Config) -> None:
