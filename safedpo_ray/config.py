@@ -315,7 +315,9 @@ def _set_override(tree: dict[str, Any], override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override '{key}': '{part}' is not a section")
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() != "" else None
+    from safedpo_ray.config_files import override_value
+
+    node[parts[-1]] = override_value(key.strip(), raw)
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -330,10 +332,9 @@ def config_tree(path: str | Path | None = None, overrides: list[str] | None = No
     """The nested dict a config is built from: YAML file ← `extra` (e.g. CLI flags) ← overrides."""
     tree: dict[str, Any] = {}
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
-        tree = _merge(tree, loaded)
+        from safedpo_ray.config_files import read_config_file
+
+        tree = _merge(tree, read_config_file(path))  # one sentence for a missing, unsafe or broken file
     tree = _merge(tree, extra or {})
     for override in overrides or []:
         _set_override(tree, override)
@@ -415,6 +416,9 @@ def check_config(cfg: Config) -> None:
         raise ConfigError("'train.checkpoint_every' must be >= 0 and 'train.keep_checkpoints' >= 1")
     if r.resume and not r.name:
         raise ConfigError("'run.resume' needs 'run.name' (the run to continue)")
+    from safedpo_ray.config_files import check_run_name
+
+    check_run_name(r.name)  # one directory name: a run never lands outside run.output_dir
     _check_cluster_keys(r)
     if t.step_delay_s < 0:
         raise ConfigError(f"'train.step_delay_s' must be >= 0, got {t.step_delay_s}")
