@@ -89,14 +89,23 @@ def main(argv: list[str] | None = None) -> int:
     from safedpo_ray import console  # our lines on the console; Ray's and the libraries' in <run>/logs
 
     console.start(args.command, verbose=getattr(args, "verbose", False))
+    from safedpo_ray import run_dirs
+
+    run_dirs.forget()  # only what this command creates
     code = 1
     try:
         code = args.fn(args)
+        run_dirs.forget()
         return code
     except UserError as exc:
+        if getattr(args, "verbose", False):  # the traceback for whoever asks; one sentence otherwise
+            import traceback
+
+            traceback.print_exc()
         kind = "config error: " if isinstance(exc, ConfigError) else ""
         print(f"safedpo-ray: {kind}{exc}", file=sys.stderr)
         code = getattr(exc, "exit_code", 2)
+        run_dirs.discard_unstarted()  # a run directory this command created, before Ray: removed
         return code  # jobs: 1 failed, 3 unreachable, 4 no such job
     finally:
         console.finish(failed=code != 0)

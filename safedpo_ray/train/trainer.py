@@ -68,10 +68,15 @@ class DataPlan:
 def plan_data(cfg: Config) -> DataPlan:
     """Resolve the sources into chunks and check their files (no Ray: a bad source is reported
     before a cluster is touched)."""
+    report: dict = {}
     chunks, names, identity = config_chunks(cfg.data, seed=cfg.train.seed, chunk_bytes=cfg.data.chunk_mb * 2**20,
                                             count=False,  # numbered as their rows arrive (stream.RowNumbers)
-                                            min_tasks=4 * (os.cpu_count() or 1))  # small files: every CPU reads
-    precheck(chunks, names, cfg.data.schema)
+                                            min_tasks=4 * (os.cpu_count() or 1),  # small files: every CPU reads
+                                            report=report)
+    no_rows = precheck(chunks, names, cfg.data.schema) or []
+    from safedpo_ray.data.file_checks import print_data_files
+
+    print_data_files(report, no_rows)  # every file of a source: read, or named with its reason
     return DataPlan(chunks, names, identity)
 
 
@@ -118,7 +123,13 @@ def run_dir_for(cfg: Config) -> Path:
     if not cfg.run.name:
         cfg.run.name = time.strftime("safedpo-%Y%m%d-%H%M%S")
     # <output_dir>/<name>, or <storage_path>/<name> (a local staging copy for object stores)
-    return run_storage.local_run_dir(cfg.run, cfg.run.name)
+    run_dir = run_storage.local_run_dir(cfg.run, cfg.run.name)
+    from safedpo_ray.run_dirs import claim
+
+    # writable, or one sentence now; removed again if the command stops at a user error before Ray
+    claim(run_dir, "run.storage_path" if cfg.run.storage_path and not run_storage.is_remote(
+        run_storage.run_root(cfg.run, cfg.run.name)) else "run.output_dir")
+    return run_dir
 
 
 def resolve_model(cfg: Config, run_dir: Path, texts) -> str:
