@@ -25,9 +25,10 @@ from safedpo_ray.data.files import (  # noqa: F401  (re-exported: the names call
 def chunks_for(source: str, *, split: str = "train", chunk_split: str = "hash", subset: str | None = None,
                synthetic_prompts: int = 240, seed: int = 0, first_index: int = 0,
                chunk_bytes: int = 64 * 2**20, count: bool = True,
-               min_tasks: int = 1) -> tuple[list[Chunk], list[str], list[str]]:
+               min_tasks: int = 1, report: list | None = None) -> tuple[list[Chunk], list[str], list[str]]:
     """Read chunks of one source, the names of its files (indexed by `Chunk.file_index`) and
     their identities (name, size and modification time: what a prepared-data key hashes).
+    `report`: the files not read and why (resolve_files).
     `split` is the hub split or synthetic split to read; `chunk_split` what the rows become."""
     if source == SYNTHETIC:
         chunk = Chunk(first_index, SYNTHETIC, "synthetic", split=chunk_split,
@@ -45,7 +46,7 @@ def chunks_for(source: str, *, split: str = "train", chunk_split: str = "hash", 
                 f"data source '{source}' is not a file and not a hub dataset id (owner/name); use "
                 "'synthetic', a .jsonl/.json/.parquet/.csv file (.gz too), a directory or glob of them, "
                 "an s3:// or gs:// URI, or e.g. PKU-Alignment/PKU-SafeRLHF-30K")
-    files = resolve_files(source)
+    files = resolve_files(source, report)
     if min_tasks > 1:  # small inputs still spread over every CPU: smaller byte ranges
         total = sum(f.size for f in files if f.fmt == "jsonl" and not f.compressed)
         chunk_bytes = max(4 * 2**20, min(chunk_bytes, -(-total // min_tasks)))
@@ -54,16 +55,20 @@ def chunks_for(source: str, *, split: str = "train", chunk_split: str = "hash", 
     return chunks, [f.uri for f in files], [f"{f.uri}:{f.size}:{f.mtime_ns}" for f in files]
 
 
-def config_chunks(cfg, seed: int, chunk_bytes: int = 64 * 2**20,
-                  count: bool = True, min_tasks: int = 1) -> tuple[list[Chunk], list[str], list[str]]:
+def config_chunks(cfg, seed: int, chunk_bytes: int = 64 * 2**20, count: bool = True, min_tasks: int = 1,
+                  report: dict | None = None) -> tuple[list[Chunk], list[str], list[str]]:
     """Chunks of the training source and of the held-out data a `DataConfig` asks for, with the
     names and identities of their files. count=False: byte ranges of large .jsonl files are not
-    numbered (the pipeline numbers their rows as they arrive: `stream.RowNumbers`)."""
+    numbered (the pipeline numbers their rows as they arrive: `stream.RowNumbers`). `report`:
+    source → (its file names, what was not read and why), for the console."""
     chunks, names, identity = [], [], []
 
     def add(source: str, **kw) -> None:
+        skipped: list = []
         c, n, i = chunks_for(source, first_index=len(names), seed=seed, chunk_bytes=chunk_bytes,
-                             count=count, min_tasks=min_tasks, **kw)
+                             count=count, min_tasks=min_tasks, report=skipped, **kw)
+        if report is not None:
+            report[source] = (n, skipped)
         chunks.extend(c)
         names.extend(n)
         identity.extend(f"{c[0].split}={x}" for x in i)
