@@ -60,6 +60,11 @@ def explain(cfg: Config, error: BaseException) -> BaseException:
     stopped = preempt.explain(cfg.run.name, error)  # a worker got SIGTERM and saved a checkpoint first
     if stopped is not None:
         return stopped
+    from safedpo_ray.worker_errors import user_error_in
+
+    user = user_error_in(error)  # a worker's UserError (no intact checkpoint, refused weights): its sentence
+    if user is not None:
+        return user
     try:
         from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
         from ray.train.v2.api.exceptions import ControllerError

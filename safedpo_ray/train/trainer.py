@@ -219,6 +219,9 @@ def start_model(cfg: Config, run_dir: Path, plan: DataPlan):
     import threading
     from concurrent.futures import Future
 
+    from safedpo_ray.safe_loading import check_pickle_weights
+
+    check_pickle_weights(cfg.model.name_or_path)  # refused pickle weights: one sentence here, before Ray
     run_dir.mkdir(parents=True, exist_ok=True)
     future: Future = Future()
     texts = lambda: sample_texts(plan.chunks, cfg.data.schema)  # noqa: E731
