@@ -356,3 +356,14 @@ def test_console_names_files_read_and_skipped_and_a_blank_shard_does_not_stop_th
     (tmp_path / "blank_only" / "x.jsonl").write_text("\n\n")
     with pytest.raises(SourceError, match="x.jsonl: the file has no rows"):
         plan_data(load_config(None, [f"data.source={tmp_path / 'blank_only'}"]))
+
+
+def test_data_summary_names_duplicates_when_there_are_any():
+    from safedpo_ray.data.pipeline import format_stats
+
+    split = {"rows_read": 5, "rows_quarantined": 0, "rows_duplicate": 2, "pairs": 5, "mode": "safedpo",
+             "transform": {"safe_unsafe": {"kept": 5}}, "truncated": {"prompt": 0, "chosen": 0, "rejected": 0}}
+    text = format_stats({"train": split})
+    assert "  duplicates: 2 rows repeat an earlier row of the split (trained again, unless " \
+           "data.drop_duplicates=true quarantines them)" in text
+    assert "duplicates" not in format_stats({"train": {**split, "rows_duplicate": 0}})
