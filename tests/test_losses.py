@@ -45,6 +45,23 @@ def test_ipo_hand_derived():
     assert plain.tolist() == pytest.approx([9.0] * 4, abs=1e-9)
 
 
+def test_ipo_per_token_mean_hand_derived():
+    """train.ipo_logps=mean (the default): each log-ratio averaged over its response's tokens.
+    Chosen log-ratio 1 over 4 tokens = 0.25, rejected −1 over 2 tokens = −0.5: h = 0.75; β = 0.1:
+      g = 0:  (0.75 − 5)²  = 18.0625      g = 1:  (0.75 − 25)² = 588.0625
+      g = −1: (0.75 + 15)² = 248.0625
+    'sum' (no lengths) keeps h = 2: 9, 529, 289 as above. Rewards: β × the averaged log-ratios."""
+    lc, lr = t(4, 4, 4, 4), t(2, 2, 2, 2)
+    losses, cr, rr = preference_loss("ipo", **ROWS, chosen_lengths=lc, rejected_lengths=lr, beta=0.1, delta=2.0)
+    assert losses.tolist() == pytest.approx([18.0625, 588.0625, 248.0625, 18.0625], abs=1e-9)
+    assert cr.tolist() == pytest.approx([0.025] * 4) and rr.tolist() == pytest.approx([-0.05] * 4)
+    summed, _, _ = preference_loss("ipo", **ROWS, chosen_lengths=lc, rejected_lengths=lr, beta=0.1, delta=2.0,
+                                   ipo_logps="sum")
+    assert summed.tolist() == pytest.approx([9.0, 529.0, 289.0, 9.0], abs=1e-9)
+    with pytest.raises(ValueError, match="needs chosen_lengths"):
+        preference_loss("ipo", **ROWS, beta=0.1, delta=2.0)
+
+
 def test_robust_hand_derived():
     """ε = 0.1: loss = [0.9·softplus(−z) − 0.1·softplus(z)]/0.8 = softplus(−z) − (0.1/0.8)·z.
       z = 0.2:  0.598138869381592 − 0.025 = 0.573138869381592
@@ -95,7 +112,8 @@ def test_delta_zero_is_the_published_loss():
     logits = (pc - pr) - (rc - rr)  # TRL: chosen_logratios − rejected_logratios
     published = {
         "sigmoid": -F.logsigmoid(beta * logits),
-        "ipo": (logits - 1 / (2 * beta)) ** 2,  # Azar et al. eq. 17, τ = β
+        # Azar et al. eq. 17, τ = β, on per-token averages as TRL's `ipo` (train.ipo_logps=mean)
+        "ipo": (((pc - rc) / lc - (pr - rr) / lr) - 1 / (2 * beta)) ** 2,
         "robust": (-F.logsigmoid(beta * logits) * (1 - eps) + F.logsigmoid(-beta * logits) * eps) / (1 - 2 * eps),
         "hinge": torch.relu(1 - beta * logits),
         # SimPO eq. 6; TRL CPO: logits = π_logratios − γ/β, loss = −log σ(β·logits)
@@ -138,7 +156,7 @@ def test_delta_acts_only_on_mixed_pairs(name):
         base = call(name, pc, pr, rc, rr, *flags, lc, lr, delta=0.0, beta=beta)
         wide = call(name, pc, pr, rc, rr, *flags, lc, lr, delta=delta, beta=beta)
         # the same pairs with the chosen response's score lowered by g·Δ/β (per token for SimPO)
-        shift = g * delta / beta * (lc if name == "simpo" else 1.0)
+        shift = g * delta / beta * (lc if name in ("simpo", "ipo") else 1.0)
         shifted = call(name, pc - shift, pr, rc, rr, *flags, lc, lr, delta=0.0, beta=beta)
         assert torch.allclose(wide, shifted, atol=1e-9), (name, cu, ru)
         if g == 0:

@@ -100,10 +100,12 @@ def test_missing_field_absent(field):
 
 @pytest.mark.parametrize("value", [None, float("nan"), np.float64("nan"), np.float32("nan")])
 def test_missing_field_none_or_nan(value):
-    assert validate_row(pku_row(response_1=value), "pku") == ["missing field 'response_1'"]
-    assert validate_row(pku_row(better_response_id=value), "pku") == [
-        "missing field 'better_response_id'"
-    ]
+    """None is a missing field; NaN is a value that is not a number, and says so (issue 25)."""
+    def expected(field):
+        return f"missing field '{field}'" if value is None else f"field '{field}' is NaN (not a number), not a value"
+
+    assert validate_row(pku_row(response_1=value), "pku") == [expected("response_1")]
+    assert validate_row(pku_row(better_response_id=value), "pku") == [expected("better_response_id")]
 
 
 @pytest.mark.parametrize("field", ["prompt", "response_0", "response_1"])
@@ -267,5 +269,5 @@ def test_pairwise_round_trip_through_transform():
 def test_nan_not_confused_with_valid_float():
     assert math.isnan(float("nan"))
     assert validate_row(pku_row(safer_response_id=float("nan")), "pku") == [
-        "missing field 'safer_response_id'"
+        "field 'safer_response_id' is NaN (not a number), not a value"
     ]

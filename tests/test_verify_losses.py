@@ -34,7 +34,7 @@ def test_sigmoid_and_robust_optimum_is_pi_star():
 def test_ipo_optimum_by_hand():
     """Two safe candidates, p = σ(log 3) = 3/4, β = 1: u_a − u_b = (2p − 1)/(2β) = 1/4, so with a
     uniform reference π = (e^{1/4}, 1)/(e^{1/4} + 1). Not π* (which has ratio e^{log 3} = 3)."""
-    opt = loss_optimum(LossSpec("ipo", 1.0, 0.0), [0.5, 0.5], TWO)
+    opt = loss_optimum(LossSpec("ipo", 1.0, 0.0, ipo_logps="sum"), [0.5, 0.5], TWO)
     assert opt[0] == pytest.approx(math.exp(0.25) / (math.exp(0.25) + 1))
     assert pi_star([0.5, 0.5], TWO, 1.0)[0] == pytest.approx(0.75)
 
@@ -61,12 +61,24 @@ def test_ipo_optimum_is_the_least_squares_fit_and_keeps_unsafe_mass():
     u = np.linalg.lstsq(np.array(rows), np.array(targets), rcond=None)[0]
     expected = REF * np.exp(u)
     expected /= expected.sum()
-    opt = loss_optimum(LossSpec("ipo", beta, delta), REF, P)
+    opt = loss_optimum(LossSpec("ipo", beta, delta, ipo_logps="sum"), REF, P)
     assert opt == pytest.approx(expected, abs=1e-9)
     assert 1e-4 < unsafe_mass(opt, P) < 0.01  # finite, set by Δ: e^{−5.5}-ish of the reference's
-    bigger = loss_optimum(LossSpec("ipo", beta, 10.0), REF, P)
+    bigger = loss_optimum(LossSpec("ipo", beta, 10.0, ipo_logps="sum"), REF, P)
     assert unsafe_mass(bigger, P) < unsafe_mass(opt, P) / 50  # Δ moves IPO's optimum (not DPO's)
     assert tv_distance(safe_part(opt, P), pi_star(REF, P, beta)) > 0.1
+
+
+def test_ipo_per_token_mean_optimum():
+    """train.ipo_logps=mean (the default): the gap is of log-ratios averaged over |y| tokens, so
+    with one length L per prompt it is IPO at β/L: u_a − u_b = L·(2p − 1)/(2β). Two safe candidates,
+    p = 3/4, β = 1, L = 2: u_a − u_b = 1/2. Unequal lengths: not known (ValueError, as for SimPO)."""
+    opt = loss_optimum(LossSpec("ipo", 1.0, 0.0), [0.5, 0.5], TWO, lengths=[2, 2])
+    assert opt[0] == pytest.approx(math.exp(0.5) / (math.exp(0.5) + 1))
+    summed = loss_optimum(LossSpec("ipo", 0.5, 5.0, ipo_logps="sum"), REF, P)
+    assert loss_optimum(LossSpec("ipo", 1.0, 5.0), REF, P, lengths=[2] * 6) == pytest.approx(summed, abs=1e-9)
+    with pytest.raises(ValueError, match="ipo with train.ipo_logps=mean.*one length"):
+        loss_optimum(LossSpec("ipo", 1.0, 0.0), [0.5, 0.5], TWO, lengths=[2, 3])
 
 
 def test_simpo_optimum():

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
 from safedpo_ray.cli.jobs import JOB_VERBS
 from safedpo_ray.cli.verbs import VERBS
 from safedpo_ray.errors import ConfigError, UserError
-from safedpo_ray.runtime import console
+from safedpo_ray.runtime import console, run_dirs
 
 ALL_VERBS = {v.name: v for v in VERBS + JOB_VERBS}
 
@@ -38,14 +39,19 @@ def main(argv: list[str] | None = None) -> int:
 
     if ALL_VERBS[args.command].on_ray:  # Ray's and the libraries' logs to a file, ours on the console
         console.start(args.command, verbose=args.verbose)
+    run_dirs.forget()  # only what this command creates
     code = 1
     try:
         code = args.fn(args)
+        run_dirs.forget()
         return code
     except UserError as exc:
+        if getattr(args, "verbose", False):  # the traceback for whoever asks; one sentence otherwise
+            traceback.print_exc()
         kind = "config error: " if isinstance(exc, ConfigError) else ""
         print(f"safedpo-ray: {kind}{exc}", file=sys.stderr)
         code = getattr(exc, "exit_code", 2)
+        run_dirs.discard_unstarted()  # a run directory this command created, before Ray: removed
         return code  # jobs: 1 failed, 3 unreachable, 4 no such job
     finally:
         console.finish(failed=code != 0)

@@ -92,6 +92,7 @@ RULES: dict[str, Any] = {
     "train.loss": _losses,
     "train.label_smoothing": Range(0, 0.5, hi_open=True),
     "train.simpo_gamma": NON_NEGATIVE,
+    "train.ipo_logps": Choice(("mean", "sum")),
     "train.learning_rate": POSITIVE,
     "train.weight_decay": NON_NEGATIVE,
     "train.epochs": AT_LEAST_ONE,

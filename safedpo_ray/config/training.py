@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from safedpo_ray.config.choices import MODES, SFT_RESPONSES
+from safedpo_ray.config.files import check_run_name, override_value, read_config_file
 from safedpo_ray.config.rules import check_rules
 from safedpo_ray.core.loss_names import LOSS_NAMES as LOSSES
 from safedpo_ray.errors import ConfigError
@@ -111,6 +112,10 @@ class TrainConfig:
     """ε in [0, 0.5): assumed label-flip rate of the 'robust' loss (0 = the sigmoid loss)."""
     simpo_gamma: float = 0.5
     """γ ≥ 0: SimPO's target reward margin (loss 'simpo' only)."""
+    ipo_logps: str = "mean"
+    """Loss 'ipo' only: 'mean' averages each response's log-ratio per token before the loss (TRL's
+    `ipo`, and by TRL's account the IPO authors' reported results), 'sum' uses the sequence sums
+    (this package's `ipo` before; the same β then means a different loss)."""
     learning_rate: float = 5e-4
     """Peak learning rate (AdamW)."""
     weight_decay: float = 0.0
@@ -231,7 +236,6 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     sft: SftConfig = field(default_factory=SftConfig)
     """Supervised fine-tuning (`safedpo-ray sft`); it also reads data.*, model.*, train.* and run.*."""
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -311,7 +315,8 @@ def _set_override(tree: dict[str, Any], override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override '{key}': '{part}' is not a section")
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() != "" else None
+
+    node[parts[-1]] = override_value(key.strip(), raw)
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -326,10 +331,7 @@ def config_tree(path: str | Path | None = None, overrides: list[str] | None = No
     """The nested dict a config is built from: YAML file ← `extra` (e.g. CLI flags) ← overrides."""
     tree: dict[str, Any] = {}
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
-        tree = _merge(tree, loaded)
+        tree = _merge(tree, read_config_file(path))  # one sentence for a missing, unsafe or broken file
     tree = _merge(tree, extra or {})
     for override in overrides or []:
         _set_override(tree, override)
@@ -407,6 +409,8 @@ def check_config(cfg: Config) -> None:
         raise ConfigError("'train.checkpoint_every' must be >= 0 and 'train.keep_checkpoints' >= 1")
     if r.resume and not r.name:
         raise ConfigError("'run.resume' needs 'run.name' (the run to continue)")
+
+    check_run_name(r.name)  # one directory name: a run never lands outside run.output_dir
     _check_cluster_keys(r)
     if t.step_delay_s < 0:
         raise ConfigError(f"'train.step_delay_s' must be >= 0, got {t.step_delay_s}")
@@ -426,6 +430,8 @@ def _check_loss(cfg: Config) -> None:
         raise ConfigError(f"'train.label_smoothing' is used by train.loss=robust only (train.loss is '{t.loss}')")
     if t.simpo_gamma < 0:
         raise ConfigError(f"'train.simpo_gamma' must be >= 0, got {t.simpo_gamma}")
+    if t.ipo_logps != "mean" and t.loss != "ipo":
+        raise ConfigError(f"'train.ipo_logps' is used by train.loss=ipo only (train.loss is '{t.loss}')")
 
 
 def _check_sft(cfg: Config) -> None:

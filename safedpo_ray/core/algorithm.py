@@ -156,6 +156,7 @@ def safedpo_forward(
     loss: str = "sigmoid",
     label_smoothing: float = 0.0,
     simpo_gamma: float = 0.0,
+    ipo_logps: str = "mean",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean loss over the batch (for backward) and per-example values (for metrics).
 
@@ -172,6 +173,7 @@ def safedpo_forward(
         chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
         chosen_unsafe=batch["chosen_unsafe"], rejected_unsafe=batch["rejected_unsafe"],
         beta=beta, delta=delta, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma,
+        ipo_logps=ipo_logps,
     )
     per_example = {
         "loss": losses.detach(),
@@ -187,7 +189,8 @@ def safedpo_forward(
 
 def loss_options(train) -> dict:
     """The keyword arguments of `safedpo_forward` that `train.*` (a TrainConfig) selects."""
-    return {"loss": train.loss, "label_smoothing": train.label_smoothing, "simpo_gamma": train.simpo_gamma}
+    return {"loss": train.loss, "label_smoothing": train.label_smoothing, "simpo_gamma": train.simpo_gamma,
+            "ipo_logps": train.ipo_logps}
 
 
 def tie_aware_accuracy(per_example: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -81,18 +81,30 @@ def _check(beta: float, delta: float) -> None:
 
 
 def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-             chosen_unsafe, rejected_unsafe, beta: float, delta: float):
+             chosen_unsafe, rejected_unsafe, beta: float, delta: float, chosen_lengths=None, rejected_lengths=None):
     """IPO (Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human
     Preferences", arXiv 2310.12036, eq. 17, τ = β) with SafeDPO's margin:
 
         loss = (h − (1/2 + g·Δ)/β)²      = ((z − 1/2)/β)²  with z = β·h − g·Δ
 
-    Δ = 0: (h − 1/(2β))², the published IPO (TRL's `ipo` on sequence log-probs; TRL averages
-    them per token first). IPO regresses h onto a finite target, so Δ changes the optimum, not
-    only the speed: a safe winner is pushed to h = (1/2 + Δ)/β above an unsafe loser, no further
-    (unsafe responses keep mass ∝ e^{−(1/2+Δ)/β}). Rewards: β·log-ratios, detached.
+    Δ = 0: (h − 1/(2β))², the published IPO. With `chosen_lengths` / `rejected_lengths` (response
+    tokens) each log-ratio is first averaged per token, h = (log π − log π_ref)(y_w)/|y_w| −
+    (log π − log π_ref)(y_l)/|y_l|: TRL's `ipo`, and by TRL's account how the IPO authors' reported
+    results were computed. That is `train.ipo_logps=mean`, the default; without lengths (`sum`)
+    h is the difference of summed log-ratios, and the same β means a different loss. IPO regresses
+    h onto a finite target, so Δ changes the optimum, not only the speed: a safe winner is pushed
+    to h = (1/2 + Δ)/β above an unsafe loser, no further (unsafe responses keep mass ∝
+    e^{−(1/2+Δ)/β}, per token with `mean`). Rewards: β·(the log-ratios the loss sees), detached.
     """
     _check(beta, delta)
+    if (chosen_lengths is None) != (rejected_lengths is None):
+        raise ValueError("ipo_loss: give both chosen_lengths and rejected_lengths, or neither")
+    if chosen_lengths is not None:  # per-token averages (train.ipo_logps=mean)
+        dtype = policy_chosen_logps.dtype
+        lc = chosen_lengths.to(dtype).clamp(min=1)
+        lr = rejected_lengths.to(dtype).clamp(min=1)
+        policy_chosen_logps, ref_chosen_logps = policy_chosen_logps / lc, ref_chosen_logps / lc
+        policy_rejected_logps, ref_rejected_logps = policy_rejected_logps / lr, ref_rejected_logps / lr
     cr, rr, h, g = _logratio_gap(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                                  ref_rejected_logps, chosen_unsafe, rejected_unsafe)
     losses = (h - (0.5 + g * delta) / beta) ** 2
@@ -166,14 +178,18 @@ def simpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejec
 LOSSES = {"sigmoid": safedpo_loss, "ipo": ipo_loss, "robust": robust_loss, "hinge": hinge_loss,
           "simpo": simpo_loss}
 """`train.loss` name → pure loss function (the names: loss_names.LOSS_NAMES, in that order)."""
+IPO_LOGPS = ("mean", "sum")
+"""`train.ipo_logps`: IPO's log-ratios averaged per response token (default, as TRL) or summed."""
 assert tuple(LOSSES) == LOSS_NAMES, "loss_names.LOSS_NAMES and LOSSES name the same losses"
 
 
 def preference_loss(loss: str, *, policy_chosen_logps, policy_rejected_logps, chosen_unsafe, rejected_unsafe,
                     beta: float, delta: float, ref_chosen_logps=None, ref_rejected_logps=None,
                     chosen_lengths=None, rejected_lengths=None, label_smoothing: float = 0.0,
-                    simpo_gamma: float = 0.0):
-    """Dispatch on the loss name: (losses, chosen_rewards, rejected_rewards), each [B]."""
+                    simpo_gamma: float = 0.0, ipo_logps: str = "mean"):
+    """Dispatch on the loss name: (losses, chosen_rewards, rejected_rewards), each [B].
+    `ipo_logps` (train.ipo_logps): 'mean' averages IPO's log-ratios per response token (TRL's
+    `ipo`; needs the lengths), 'sum' uses the sequence sums."""
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; one of {', '.join(LOSSES)}")
     flags = (chosen_unsafe, rejected_unsafe)
@@ -183,4 +199,11 @@ def preference_loss(loss: str, *, policy_chosen_logps, policy_rejected_logps, ch
     args = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *flags, beta, delta)
     if loss == "robust":
         return robust_loss(*args, label_smoothing)
+    if loss == "ipo":
+        if ipo_logps not in IPO_LOGPS:
+            raise ValueError(f"ipo_logps must be one of {', '.join(IPO_LOGPS)}, got {ipo_logps!r}")
+        if ipo_logps == "mean":
+            if chosen_lengths is None or rejected_lengths is None:
+                raise ValueError("ipo_logps='mean' needs chosen_lengths and rejected_lengths")
+            return ipo_loss(*args, chosen_lengths, rejected_lengths)
     return LOSSES[loss](*args)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import fnmatch
-import glob
 import gzip
 import io
 import json
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
+from safedpo_ray.data.file_checks import Skipped, local_files
 from safedpo_ray.data.synthetic import make_synthetic_rows
 from safedpo_ray.errors import UserError
 
@@ -108,22 +108,23 @@ def is_hub_id(source: str) -> bool:
             and not source.lower().endswith(".gz"))
 
 
-def resolve_files(source: str) -> list[SourceFile]:
+def resolve_files(source: str, report: list | None = None) -> list[SourceFile]:
     """The files of a local or remote file, directory or glob, sorted by path. One sentence and
-    SourceError when there are none, a file is of an unknown type or empty."""
+    SourceError when there are none, a file is of an unknown type, or every file is empty. A
+    local source reads each file once; what it does not read (a dangling link, a second path to
+    a file, a hidden or non-data file, an empty file beside others) is appended to `report` as
+    data.file_checks.Skipped, with "subdir:" entries for files read from subdirectories."""
     import pyarrow.fs as pafs
 
     glob_chars = any(c in source for c in "*?[")
     fs, path = _filesystem(source)
     infos: list = []
+    if not _is_uri(source):
+        return _resolve_local(source, path, glob_chars, report)
     if glob_chars:
-        if _is_uri(source):
-            base = path[: min(path.find(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
-            listed = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-            infos = [i for i in listed if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path)]
-        else:
-            infos = fs.get_file_info(sorted(glob.glob(path, recursive=True)))
-            infos = [i for i in infos if i.type == pafs.FileType.File]
+        base = path[: min(path.find(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
+        listed = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        infos = [i for i in listed if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path)]
         if not infos:
             raise SourceError(f"data source '{source}': the pattern matches no file")
     else:
@@ -149,6 +150,38 @@ def resolve_files(source: str) -> list[SourceFile]:
             raise SourceError(f"{_join_uri(source, info.path)}: the file is empty")
         files.append(SourceFile(uri=_join_uri(source, info.path), fmt=kind[0], compressed=kind[1],
                                 size=int(info.size), mtime_ns=int(info.mtime_ns or 0)))
+    return files
+
+
+def _resolve_local(source: str, path: str, glob_chars: bool, report: list | None) -> list[SourceFile]:
+    if not glob_chars and not os.path.lexists(path):
+        raise SourceError(f"data source '{source}' does not exist")
+    if not glob_chars and not os.path.exists(path):
+        raise SourceError(f"data source '{source}' is a symbolic link to '{os.readlink(path)}', which does not exist")
+    found = local_files(path, pattern=glob_chars, is_data=lambda name: file_format(name) is not None)
+    if not found.files:
+        if glob_chars:
+            raise SourceError(f"data source '{source}': the pattern matches no file"
+                              + (f" ({'; '.join(str(s) for s in found.skipped[:3])})" if found.skipped else ""))
+        raise SourceError(f"data source '{source}' is a directory with no .jsonl, .json, .csv or "
+                          ".parquet files (gzipped text files too)")
+    files, empty = [], []
+    for p, st in found.files:
+        kind = file_format(os.path.basename(p))
+        if kind is None:
+            raise SourceError(f"{p}: unknown file type; use .jsonl, .json, .csv or .parquet "
+                              "(.jsonl.gz, .json.gz, .csv.gz too), a directory or a glob of them")
+        if not st.st_size:
+            empty.append(p)
+            continue
+        files.append(SourceFile(uri=p, fmt=kind[0], compressed=kind[1], size=int(st.st_size),
+                                mtime_ns=int(st.st_mtime_ns)))
+    if not files:  # nothing but empty files: the first is the sentence
+        raise SourceError(f"{empty[0]}: the file is empty" + (f" (and {len(empty) - 1} more empty files)"
+                                                               if len(empty) > 1 else ""))
+    if report is not None:
+        report += [Skipped(p, "empty file (0 bytes)") for p in empty] + found.skipped
+        report += [f"subdir:{p}" for p in found.in_subdirectories]
     return files
 
 
@@ -258,8 +291,9 @@ def _parse_json_value(line: bytes, max_row_bytes: int) -> dict[str, Any]:
         text = line.decode("utf-8")
     except UnicodeDecodeError as exc:
         return _invalid(f"line is not valid UTF-8 (byte 0x{line[exc.start]:02x} at byte {exc.start + 1})")
+    dups: list = []
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=lambda pairs: _object(pairs, dups))
     except json.JSONDecodeError as exc:
         return _invalid(f"line is not valid JSON: {exc.msg} at column {exc.colno}")
     except ValueError as exc:  # e.g. an integer of more than 4300 digits
@@ -268,6 +302,8 @@ def _parse_json_value(line: bytes, max_row_bytes: int) -> dict[str, Any]:
         return _invalid("line is not valid JSON: nested too deeply")
     if not isinstance(value, dict):
         return _invalid(f"line is a JSON {type(value).__name__}, not an object")
+    if dups:
+        return _invalid(_duplicate_reason(dups[0]))
     try:  # a lone surrogate can only come from a \\uD800-\\uDFFF escape: check rows that have one
         bad = _SURROGATE_ESCAPE.search(text) is not None and _has_bad_bytes(value)
     except RecursionError:
@@ -275,6 +311,30 @@ def _parse_json_value(line: bytes, max_row_bytes: int) -> dict[str, Any]:
     if bad:  # a "\ud800" escape: valid JSON, but no UTF-8 text (Arrow and tokenizers reject it)
         return _invalid("row holds a lone surrogate (\\uXXXX escape), not valid Unicode text")
     return value
+
+
+_DUPLICATES = "\x00duplicate keys"  # marks an object of a .json document that repeats a key
+
+
+def _object(pairs: list, dups: list) -> dict:
+    """json's object hook: the dict, with each repeated key noted (json itself keeps the last
+    value silently: a row with two different `better_response_id` would be trained on one)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: dict = {}
+        for k, v in pairs:
+            if k in seen:
+                dups.append((k, seen[k], v))
+                break
+            seen[k] = v
+    return out
+
+
+def _duplicate_reason(dup: tuple) -> str:
+    key, first, second = dup
+    shown = lambda v: (repr(v) if len(repr(v)) <= 40 else repr(v)[:37] + "...")  # noqa: E731
+    return (f"the key '{key}' appears twice ({shown(first)}, then {shown(second)}): which value is meant "
+            "is unknown; keep one")
 
 
 def _skip_line(f) -> int:
@@ -322,7 +382,13 @@ def _jsonl_rows(chunk: Chunk, max_row_bytes: int) -> Iterator[dict[str, Any]]:
                 newlines += end is None or pos - 1 < end
         while end is None or pos < end:
             bom_room = len(BOM) if line_no == 1 and pos == 0 else 0  # a BOM is not the row's bytes
-            line, length, consumed = _read_line(f, max_row_bytes + bom_room)
+            try:
+                line, length, consumed = _read_line(f, max_row_bytes + bom_room)
+            except _CUT_ERRORS as exc:
+                if not chunk.compressed or line_no == 1:
+                    raise  # not gzip at all, or nothing readable: the file as a whole (read_chunk)
+                yield {**_cut(exc, line_no), "row_number": line_no}  # the rows before it are kept
+                break
             if not consumed:
                 break
             pos += consumed
@@ -336,6 +402,16 @@ def _jsonl_rows(chunk: Chunk, max_row_bytes: int) -> Iterator[dict[str, Any]]:
                 yield {**_parse_json_line(line, max_row_bytes), "row_number": line_no}
             line_no += 1
     return newlines
+
+
+_CUT_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)
+
+
+def _cut(exc: Exception, line_no: int) -> dict[str, Any]:
+    """The quarantined row where a gzipped file stops being readable (cut mid-stream, or
+    corrupt): the rows before it were read; nothing after it can be."""
+    return _invalid(f"the gzipped file cannot be read from this row on ({type(exc).__name__}: {exc}): "
+                    f"it was cut or damaged; rows 1 to {line_no - 1} were read, the rest is lost")
 
 
 def _decode_document(data: bytes, what: str) -> str:
@@ -371,8 +447,15 @@ def _json_rows(chunk: Chunk, max_row_bytes: int) -> Iterator[dict[str, Any]]:
         text = _decode_document(f.read(), chunk.uri)
     if not text.strip():  # only spaces (or a BOM): no rows, which precheck reports
         return
+    def marked(pairs: list) -> dict:
+        dups: list = []
+        out = _object(pairs, dups)
+        if dups:
+            out[_DUPLICATES] = dups[0]
+        return out
+
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=marked)
     except json.JSONDecodeError as exc:
         raise SourceError(f"{chunk.uri}: not valid JSON ({exc.msg} at line {exc.lineno}); "
                           "one object per line? name the file .jsonl") from None
@@ -380,15 +463,36 @@ def _json_rows(chunk: Chunk, max_row_bytes: int) -> Iterator[dict[str, Any]]:
         raise SourceError(f"{chunk.uri}: not valid JSON ({exc or 'nested too deeply'})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
+    if isinstance(data, dict) and _DUPLICATES in data:
+        raise SourceError(f"{chunk.uri}: {_duplicate_reason(data[_DUPLICATES])}")
     if not isinstance(data, list):
         raise SourceError(f"{chunk.uri}: expected a JSON list of row objects (or {{'data': [...]}})")
     for i, row in enumerate(data, start=1):
+        dup = _nested_duplicate(row) if isinstance(row, dict) else None
         if not isinstance(row, dict):
             yield {**_invalid(f"item is a JSON {type(row).__name__}, not an object"), "row_number": i}
+        elif dup is not None:
+            yield {**_invalid(_duplicate_reason(dup)), "row_number": i}
         elif _bad_or_deep(row):
             yield {**_invalid("row holds bytes that are not valid UTF-8"), "row_number": i}
         else:
             yield {**row, "row_number": i}
+
+
+def _nested_duplicate(value: Any, depth: int = 0):
+    """The first repeated key marked anywhere in a row of a .json document (None: none)."""
+    if depth > 100:
+        return None
+    if isinstance(value, dict):
+        if _DUPLICATES in value:
+            return value[_DUPLICATES]
+        value = list(value.values())
+    if isinstance(value, list):
+        for v in value:
+            found = _nested_duplicate(v, depth + 1)
+            if found is not None:
+                return found
+    return None
 
 
 _TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
@@ -431,6 +535,11 @@ def _csv_rows(chunk: Chunk, max_row_bytes: int) -> Iterator[dict[str, Any]]:
             try:
                 row = next(reader)
             except StopIteration:
+                return
+            except _CUT_ERRORS as exc:
+                if not chunk.compressed or i == 1:
+                    raise  # nothing readable: the file as a whole (read_chunk)
+                yield {**_cut(exc, i), "row_number": i}  # the records before it are kept
                 return
             except csv.Error as exc:
                 yield {**_invalid(f"CSV record cannot be parsed: {exc}"), "row_number": i}

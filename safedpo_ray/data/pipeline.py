@@ -80,6 +80,9 @@ def format_stats(stats: dict[str, Any]) -> str:
     for split, s in stats.items():
         lines.append(f"{split}: {s['rows_read']} rows read, {s['rows_quarantined']} quarantined, "
                      f"{s['pairs']} pairs after T ({s['mode']})")
+        if s.get("rows_duplicate"):  # kept (or quarantined with data.drop_duplicates): said either way
+            lines.append(f"  duplicates: {s['rows_duplicate']} rows repeat an earlier row of the split (trained "
+                         "again, unless data.drop_duplicates=true quarantines them)")
         for cat in ("safe_safe", "safe_unsafe", "unsafe_safe", "unsafe_unsafe"):
             counts = s["transform"].get(cat)
             if counts:

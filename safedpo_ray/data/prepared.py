@@ -93,10 +93,14 @@ class PreparedData:
 # --------------------------------------------------------------------------- before any Ray work
 
 
-def precheck(chunks, names: list[str], schema: str, *, sample_rows: int = 20, max_files: int = 64) -> None:
-    """Whole-file problems in one sentence before a cluster is touched: a file with no rows, or
-    whose first rows match no known schema. (Bad rows further in are quarantined, not fatal.)"""
+def precheck(chunks, names: list[str], schema: str, *, sample_rows: int = 20, max_files: int = 64) -> list[str]:
+    """Whole-file problems in one sentence before a cluster is touched: a source whose files have
+    no rows, or a file whose first rows match no known schema. (Bad rows further in are
+    quarantined, not fatal.) Returns the files without rows beside files with rows (read, and
+    named on the console: one blank shard does not stop a run)."""
     checked: set[int] = set()
+    empty: dict[str, list[str]] = {}  # split of the chunks → files with no rows
+    with_rows: set[str] = set()
     for chunk in chunks:
         if chunk.file_index in checked or chunk.fmt in ("hub", "synthetic") or len(checked) >= max_files:
             continue
@@ -107,7 +111,9 @@ def precheck(chunks, names: list[str], schema: str, *, sample_rows: int = 20, ma
         name = names[chunk.file_index]
         single = not any(c.file_index == chunk.file_index and c is not chunk for c in chunks)
         if not rows and single:
-            raise SourceError(f"{name}: the file has no rows")
+            empty.setdefault(chunk.split, []).append(name)
+            continue
+        with_rows.add(chunk.split)
         parsed = [r for r in rows if "__invalid__" not in r]
         if not parsed and chunk.fmt != "parquet":
             with _open_text_bytes(chunk) as f:
@@ -134,6 +140,11 @@ def precheck(chunks, names: list[str], schema: str, *, sample_rows: int = 20, ma
             if missing:
                 raise SourceError(f"{name}: data.schema={schema} but the rows lack {', '.join(missing)} "
                                   f"(found columns: {', '.join(sorted(fields[0]))})")
+    for split, files in empty.items():
+        if split not in with_rows and len(checked) < max_files:
+            more = f" (nor do {len(files) - 1} more files of the source)" if len(files) > 1 else ""
+            raise SourceError(f"{files[0]}: the file has no rows{more}")
+    return [f for files in empty.values() for f in files]
 
 
 def sample_texts(chunks, schema: str, limit: int = 4096) -> list[str]:

@@ -187,6 +187,10 @@ def validate_row(row: dict, schema: str) -> list[str]:
     reasons: list[str] = []
 
     def present(field: str) -> bool:
+        value = row.get(field)
+        if _is_missing(value) and value is not None and type(value).__name__ not in ("NAType", "NaTType"):
+            reasons.append(f"field '{field}' is NaN (not a number), not a value")  # JSON's NaN: present, not missing
+            return False
         if field not in row or _is_missing(row[field]):
             reasons.append(f"missing field '{field}'")
             return False

@@ -61,3 +61,28 @@ def explain_refused_pickle(name_or_path: Any) -> Iterator[None]:
                 "then `save_pretrained(out, safe_serialization=True)`) and use that directory. "
                 f"({text.splitlines()[0][:200]})") from exc
         raise
+
+
+def check_pickle_weights(name_or_path: Any) -> None:
+    """On the driver, before Ray starts: a local model directory whose only weights are pickles
+    that `torch.load(weights_only=True)` would refuse is an UnsafeWeightsError now, not inside a
+    worker a minute later. The pickles' globals are listed without unpickling or reading tensors
+    (`torch.serialization.get_unsafe_globals_in_checkpoint`); hub ids are checked where loaded."""
+    path = Path(str(name_or_path))
+    if not path.is_dir() or any(path.glob("*.safetensors")):
+        return  # a hub id, or safetensors (a pickle beside them is never read)
+    import torch.serialization as ts
+
+    for f in sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file()):
+        try:
+            unsafe = ts.get_unsafe_globals_in_checkpoint(str(f))
+        except Exception as exc:  # noqa: BLE001  (not a zip checkpoint: the load itself decides, with its message)
+            logger.debug("cannot list the globals of %s: %s", f, exc)
+            continue
+        if unsafe:
+            raise UnsafeWeightsError(
+                f"model {name_or_path}: {f.name} is a pickle that torch.load(weights_only=True) refuses (it "
+                f"holds {', '.join(unsafe[:3])}{' and more' if len(unsafe) > 3 else ''}, objects other than "
+                "tensors, which could run code when loaded). Only load it if you trust it: convert it once to "
+                "safetensors (`AutoModel.from_pretrained(path, weights_only=False)` then "
+                "`save_pretrained(out, safe_serialization=True)`) and use that directory")

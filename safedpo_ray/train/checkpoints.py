@@ -23,13 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from safedpo_ray.errors import UserError
+
 MANIFEST = "manifest.rank{rank}.json"
 MANIFEST_RE = re.compile(r"manifest\.rank(\d+)\.json$")
 FORMAT = 1
 
 
-class NoIntactCheckpoint(RuntimeError):
-    """Every checkpoint the run has is damaged or incomplete."""
+class NoIntactCheckpoint(UserError, RuntimeError):
+    """Every checkpoint the run has is damaged or incomplete (a user error: one sentence, exit 2)."""
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
@@ -180,11 +182,16 @@ def restore(strategy) -> Restored:
         restored.state, restored.step, restored.checkpoint = state, int(state.pop("step")), cand.name
         break
     if restored.skipped and strategy.is_rank0:
-        for s in restored.skipped:
+        for i, s in enumerate(restored.skipped):
             shown = "; ".join(s["problems"][:3]) + (f" (+{len(s['problems']) - 3} more)" if len(s["problems"]) > 3 else "")
             step = f" (step {s['step']})" if s["step"] is not None else ""
-            instead = (f"resuming from {restored.checkpoint} (step {restored.step})" if restored.checkpoint
-                       else "no earlier checkpoint left")
+            if restored.checkpoint:
+                instead = f"resuming from {restored.checkpoint} (step {restored.step})"
+            elif i + 1 < len(restored.skipped):  # an earlier one is tried next (and found damaged too)
+                later = restored.skipped[i + 1]
+                instead = f"trying the earlier checkpoint {later['checkpoint']}"
+            else:
+                instead = "no earlier checkpoint left"
             print(f"[safedpo] warning: checkpoint {s['checkpoint']}{step} is damaged or incomplete: {shown}; "
                   f"{instead}", flush=True)
     if found and restored.checkpoint is None:

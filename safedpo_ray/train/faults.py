@@ -16,6 +16,7 @@ from safedpo_ray.config.training import Config
 from safedpo_ray.errors import UserError
 from safedpo_ray.runtime.storage import redact
 from safedpo_ray.train import preempt
+from safedpo_ray.train.worker_errors import user_error_in
 
 TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 120.0
@@ -60,6 +61,10 @@ def explain(cfg: Config, error: BaseException) -> BaseException:
     stopped = preempt.explain(cfg.run.name, error)  # a worker got SIGTERM and saved a checkpoint first
     if stopped is not None:
         return stopped
+
+    user = user_error_in(error)  # a worker's UserError (no intact checkpoint, refused weights): its sentence
+    if user is not None:
+        return user
     try:
         from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
         from ray.train.v2.api.exceptions import ControllerError

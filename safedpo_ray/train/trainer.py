@@ -28,12 +28,14 @@ from safedpo_ray.data.prepared import (
     sample_texts,
 )
 from safedpo_ray.data.reference import ReferencePass, reference_logps
-from safedpo_ray.data.sources import config_chunks
+from safedpo_ray.data.sources import config_chunks, print_data_files
 from safedpo_ray.data.task_tokenizer import backend_spec
 from safedpo_ray.errors import UserError
 from safedpo_ray.runtime import ray_env
 from safedpo_ray.runtime import storage as run_storage
 from safedpo_ray.runtime.ray_env import ensure_ray
+from safedpo_ray.runtime.run_dirs import claim
+from safedpo_ray.runtime.safe_loading import check_pickle_weights
 from safedpo_ray.train import faults, handoff, preempt
 from safedpo_ray.train.early_start import overlaps_preparation
 
@@ -72,10 +74,14 @@ class DataPlan:
 def plan_data(cfg: Config) -> DataPlan:
     """Resolve the sources into chunks and check their files (no Ray: a bad source is reported
     before a cluster is touched)."""
+    report: dict = {}
     chunks, names, identity = config_chunks(cfg.data, seed=cfg.train.seed, chunk_bytes=cfg.data.chunk_mb * 2**20,
                                             count=False,  # numbered as their rows arrive (stream.RowNumbers)
-                                            min_tasks=4 * (os.cpu_count() or 1))  # small files: every CPU reads
-    precheck(chunks, names, cfg.data.schema)
+                                            min_tasks=4 * (os.cpu_count() or 1),  # small files: every CPU reads
+                                            report=report)
+    no_rows = precheck(chunks, names, cfg.data.schema) or []
+
+    print_data_files(report, no_rows)  # every file of a source: read, or named with its reason
     return DataPlan(chunks, names, identity)
 
 
@@ -121,7 +127,12 @@ def run_dir_for(cfg: Config) -> Path:
     if not cfg.run.name:
         cfg.run.name = time.strftime("safedpo-%Y%m%d-%H%M%S")
     # <output_dir>/<name>, or <storage_path>/<name> (a local staging copy for object stores)
-    return run_storage.local_run_dir(cfg.run, cfg.run.name)
+    run_dir = run_storage.local_run_dir(cfg.run, cfg.run.name)
+
+    # writable, or one sentence now; removed again if the command stops at a user error before Ray
+    claim(run_dir, "run.storage_path" if cfg.run.storage_path and not run_storage.is_remote(
+        run_storage.run_root(cfg.run, cfg.run.name)) else "run.output_dir")
+    return run_dir
 
 
 def resolve_model(cfg: Config, run_dir: Path, texts) -> str:
@@ -209,6 +220,8 @@ def start_model(cfg: Config, run_dir: Path, plan: DataPlan):
     import threading
     from concurrent.futures import Future
 
+
+    check_pickle_weights(cfg.model.name_or_path)  # refused pickle weights: one sentence here, before Ray
     run_dir.mkdir(parents=True, exist_ok=True)
     future: Future = Future()
     texts = lambda: sample_texts(plan.chunks, cfg.data.schema)  # noqa: E731

@@ -16,7 +16,9 @@ steps find it. What that gives:
            ν = ε (rDPO's premise): π* again. `verify` samples such labels for it.
   ipo      ℓ = ((z − 1/2)/β)²: a least-squares fit of u_w − u_l to (2p̃ − 1)/(2β) on safe pairs and
            to (1/2 + Δ)/β on mixed ones. Unsafe mass stays > 0 (set by Δ); the safe part follows
-           p − 1/2, not log-odds: not π*.
+           p − 1/2, not log-odds: not π*. With train.ipo_logps=mean (the default) the log-ratios
+           are averaged per token, a = β/|y|: the targets times |y|; known when a prompt's
+           candidates have one length (as for SimPO).
   simpo    like sigmoid with a = β/|y|, b = γ: unsafe mass 0; with equal lengths |y| = L the safe
            part solves p·σ(γ − x) = (1−p)·σ(x + γ), x = β/L·(u_i − u_j): at γ = 0,
            π ∝ exp(L·r/β) with no π_ref; not π*. Known only when a prompt's candidates have one length.
@@ -51,10 +53,13 @@ class LossSpec:
     simpo_gamma: float = 0.0
     label_noise: float = 0.0
     """Rate at which the rows' helpfulness labels were flipped (verify samples ν = ε for robust)."""
+    ipo_logps: str = "mean"
+    """train.ipo_logps: IPO's log-ratios averaged per token ('mean') or summed ('sum')."""
 
     @classmethod
     def from_train(cls, train, label_noise: float = 0.0) -> "LossSpec":
-        return cls(train.loss, train.beta, train.delta, train.label_smoothing, train.simpo_gamma, label_noise)
+        return cls(train.loss, train.beta, train.delta, train.label_smoothing, train.simpo_gamma, label_noise,
+                   train.ipo_logps)
 
 
 def _sigmoid(z):
@@ -150,12 +155,17 @@ def loss_optimum(spec: LossSpec, ref_probs, prompt: Prompt, *, lengths=None, row
     safe = prompt.safe
     unsafe = (~safe).astype(float)
     g = unsafe[None, :] - unsafe[:, None]  # g[w, l] = h_l − h_w
-    if spec.name == "simpo":
+    per_token = spec.name == "simpo" or (spec.name == "ipo" and spec.ipo_logps == "mean")
+    if per_token:  # the gap is of per-token averages: a = β/|y|, one |y| per prompt for a known optimum
         lengths = np.asarray(lengths if lengths is not None else [], dtype=float)
         if lengths.shape != (k,) or np.ptp(lengths) != 0:
-            raise ValueError("train.loss=simpo: its optimum over a candidate set is known only when the "
+            what = "simpo" if spec.name == "simpo" else "ipo with train.ipo_logps=mean"
+            raise ValueError(f"train.loss={what}: its optimum over a candidate set is known only when the "
                              f"candidates have one length (prompt {prompt.text!r}: lengths {lengths.tolist()})")
+    if spec.name == "simpo":
         scale, margin = np.full((k, k), spec.beta / lengths[0]), g * spec.delta + spec.simpo_gamma
+    elif per_token:
+        scale, margin = np.full((k, k), spec.beta / lengths[0]), g * spec.delta
     else:
         scale, margin = np.full((k, k), spec.beta), g * spec.delta
     free = safe.copy() if spec.name in ZERO_UNSAFE else np.ones(k, dtype=bool)

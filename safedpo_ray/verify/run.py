@@ -267,7 +267,8 @@ def run_verify(cfg: Config, *, world: World = DEFAULT_WORLD, pairs: int = 100) -
                                     with_optimum=False)}
     report = {"study_dir": str(study_dir), "beta": cfg.train.beta, "delta": cfg.train.delta,
               "loss": cfg.train.loss, "label_smoothing": cfg.train.label_smoothing,
-              "simpo_gamma": cfg.train.simpo_gamma, "label_noise": label_noise(cfg),
+              "simpo_gamma": cfg.train.simpo_gamma, "ipo_logps": cfg.train.ipo_logps,
+              "label_noise": label_noise(cfg),
               "pairs_per_comparison": pairs, "rows": len(rows), "runs": runs}
     report["checks"] = checks(report)
     report["passed"] = all(report["checks"].values())
@@ -282,7 +283,8 @@ def format_verify(report: dict[str, Any]) -> str:
     safe, plain = run_labels(loss)
     own = loss != "sigmoid"  # a loss whose optimum is not π*: show that optimum too
     detail = {"robust": f", ε={report.get('label_smoothing', 0):g}, labels flipped at {report.get('label_noise', 0):g}",
-              "simpo": f", γ={report.get('simpo_gamma', 0):g}"}.get(loss, "")
+              "simpo": f", γ={report.get('simpo_gamma', 0):g}",
+              "ipo": ", log-ratios " + {"mean": "averaged per token", "sum": "summed"}.get(report.get("ipo_logps", "sum"), "?")}.get(loss, "")
     lines = [f"== {safe} vs closed-form optimum: train.loss={loss}{detail}, β={report['beta']:g}, Δ={report['delta']:g}, "
              f"{report['rows']} Bradley–Terry pairs ({report['pairs_per_comparison']} per comparison) ==",
              "distributions over each prompt's candidates (renormalized); π* = safe-only ∝ π_ref·exp(r/β)"
