@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from safedpo_ray.config.loader import build, load
 from safedpo_ray.config.training import (
     Config,
     ConfigError,
@@ -23,9 +24,7 @@ from safedpo_ray.config.training import (
     ModelConfig,
     RunConfig,
     TrainConfig,
-    _build,
     check_config,
-    config_tree,
 )
 
 ENGINES = ("hf", "vllm")
@@ -232,7 +231,7 @@ class EvalConfig:
 def load_eval_config(path: str | Path | None = None, overrides: list[str] | None = None,
                      extra: dict[str, Any] | None = None) -> EvalConfig:
     """Defaults ← YAML ← extra ← overrides, then checked. Raises ConfigError naming the key."""
-    cfg = _build(EvalConfig, config_tree(path, overrides, extra))
+    cfg = load(EvalConfig, path, overrides, extra)
     check_eval_config(cfg)
     return cfg
 
@@ -322,13 +321,13 @@ class ScorerConfig:
 
 def load_scorer_config(path: str | Path | None = None, overrides: list[str] | None = None,
                        extra: dict[str, Any] | None = None) -> ScorerConfig:
-    cfg = _build(ScorerConfig, config_tree(path, overrides, extra))
+    cfg = load(ScorerConfig, path, overrides, extra)
     check_scorer_config(cfg)
     return cfg
 
 
 def scorer_config_from_dict(values: dict[str, Any]) -> ScorerConfig:
-    cfg = _build(ScorerConfig, values)
+    cfg = build(ScorerConfig, values)
     check_scorer_config(cfg)
     return cfg
 

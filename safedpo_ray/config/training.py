@@ -9,8 +9,6 @@ Unknown keys and values of the wrong type are errors that name the key; cross-fi
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,11 +16,11 @@ from typing import Any
 import yaml
 
 from safedpo_ray.config.choices import MODES, SFT_RESPONSES
-from safedpo_ray.config.files import check_run_name, override_value, read_config_file
+from safedpo_ray.config.files import check_run_name
+from safedpo_ray.config.loader import build, load
 from safedpo_ray.config.rules import check_rules
 from safedpo_ray.core.loss_names import LOSS_NAMES as LOSSES
 from safedpo_ray.errors import ConfigError
-from safedpo_ray.runtime.secret_guard import check_config_tree
 from safedpo_ray.runtime.storage import SCHEMES, scheme_of
 
 TINY_PRESET = "tiny"
@@ -244,111 +242,17 @@ class Config:
         return self.train.global_batch_size // (self.train.micro_batch_size * self.run.num_workers)
 
 
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _convert(value, inner[0], key)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"'{key}' must be a mapping, got {value!r}")
-        return _build(tp, value, key + ".")
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise ConfigError(f"'{key}' must be a list, got {value!r}")
-        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        key_tp, value_tp = typing.get_args(tp)
-        if not isinstance(value, dict):
-            raise ConfigError(f"'{key}' must be a mapping (e.g. {{name: 1}}), got {value!r}")
-        return {_convert(k, key_tp, key): _convert(v, value_tp, f"{key}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"'{key}' must be true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"'{key}' must be an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads '1e-3' (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"'{key}' must be a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"'{key}' must be a string, got {value!r}")
-    raise ConfigError(f"'{key}': unsupported type {tp}")
-
-
-def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ConfigError(
-            f"unknown config key '{prefix}{unknown[0]}' (valid keys under "
-            f"'{prefix.rstrip('.') or 'top level'}': {', '.join(sorted(names))})"
-        )
-    kwargs = {k: _convert(v, hints[k], prefix + k) for k, v in values.items()}
-    return cls(**kwargs)
-
-
-def _set_override(tree: dict[str, Any], override: str) -> None:
-    if "=" not in override:
-        raise ConfigError(f"override '{override}' is not of the form key=value (e.g. train.beta=0.1)")
-    key, raw = override.split("=", 1)
-    parts = key.strip().split(".")
-    node = tree
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override '{key}': '{part}' is not a section")
-
-    node[parts[-1]] = override_value(key.strip(), raw)
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def config_tree(path: str | Path | None = None, overrides: list[str] | None = None,
-                extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The nested dict a config is built from: YAML file ← `extra` (e.g. CLI flags) ← overrides."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        tree = _merge(tree, read_config_file(path))  # one sentence for a missing, unsafe or broken file
-    tree = _merge(tree, extra or {})
-    for override in overrides or []:
-        _set_override(tree, override)
-    check_config_tree(tree, ConfigError)  # secrets come from the environment, never from a config
-    return tree
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults ← YAML file ← overrides, then checked. Raises ConfigError naming the key."""
-    cfg = _build(Config, config_tree(path, overrides))
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
+                base: dict[str, Any] | None = None) -> Config:
+    """Defaults ← `base` ← YAML file ← overrides, then checked. Raises ConfigError naming the key."""
+    cfg = load(Config, path, overrides, base=base)
     check_config(cfg)
     return cfg
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:
     """Rebuild a Config from `Config.to_dict()` output (how workers receive it)."""
-    cfg = _build(Config, values)
+    cfg = build(Config, values)
     check_config(cfg)
     return cfg
 

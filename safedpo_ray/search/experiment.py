@@ -24,7 +24,8 @@ from typing import Any
 
 import yaml
 
-from safedpo_ray.config.training import Config, ConfigError, _build, config_from_dict, dump_config
+from safedpo_ray.config.loader import build
+from safedpo_ray.config.training import Config, ConfigError, config_from_dict, dump_config
 from safedpo_ray.errors import UserError
 from safedpo_ray.runtime import storage
 from safedpo_ray.runtime import storage as run_storage
@@ -143,7 +144,7 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], exp_dir: str, sha
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     final = {"eval/" + k: v for k, v in (summary.get("eval_after") or {}).items()}
     final.update(step=summary.get("last_step"), completed=1, reference_forwards=summary.get("reference_forwards", 0))
-    search = _build(SearchSpec, {k: v for k, v in spec.items() if k != "params"})
+    search = build(SearchSpec, {k: v for k, v in spec.items() if k != "params"})
     if search.has_scorers and summary.get("model_dir"):
         final.update(score_trial(search, cfg, Path(summary["model_dir"]), run_dir, shared))
     ray.tune.report(final)
@@ -250,7 +251,7 @@ def prepare_experiment(spec: SearchSpec, base: Config, resume: str | None) -> tu
             raise SearchError(f"no experiment '{resume}' under {output} to resume (looked for {exp_dir / SPEC_FILE})")
         tree = yaml.safe_load((exp_dir / SPEC_FILE).read_text())
         params = tree.pop("params")
-        spec = _build(SearchSpec, tree, "tune.")
+        spec = build(SearchSpec, tree, "tune.")
         spec.params = params
         base = config_from_dict(yaml.safe_load((exp_dir / BASE_FILE).read_text()))
         return spec, base, exp_dir

@@ -25,11 +25,10 @@ from typing import Any
 
 import yaml
 
+from safedpo_ray.config.loader import build, set_override
 from safedpo_ray.config.training import (
     Config,
     ConfigError,
-    _build,
-    _set_override,
     check_config,
     config_from_dict,
     load_config,
@@ -217,11 +216,11 @@ def load_space(space: str | Path | None, overrides: list[str] | None = None) -> 
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     for override in overrides or []:
-        _set_override(tree, override)
+        set_override(tree, override)
     params = tree.pop("params", None) or {}
     if not isinstance(params, dict):
         raise ConfigError(f"'params' must map config keys to {{kind: values}}, got {params!r}")
-    spec = _build(SearchSpec, tree, "tune.")
+    spec = build(SearchSpec, tree, "tune.")
     spec.params = dict(params)
     check_spec(spec)
     return spec

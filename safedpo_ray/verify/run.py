@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
+from safedpo_ray.config.loader import overrides_tree
 from safedpo_ray.config.training import Config, ConfigError, load_config
 from safedpo_ray.data.tokenize import tokenize_pairs
 from safedpo_ray.runtime.ray_env import shutdown
@@ -64,26 +64,10 @@ DEFAULT_DELTAS = (0.0, 2.0, 5.0, 10.0, 20.0)
 MAX_UNSAFE, UNSAFE_VS_REF, MAX_TV, DPO_VS_SAFEDPO = 0.05, 10.0, 0.1, 5.0
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> list[str]:
-    out = []
-    for k, v in tree.items():
-        if isinstance(v, dict) and v:
-            out += _flatten(v, f"{prefix}{k}.")
-        else:
-            out.append(f"{prefix}{k}={json.dumps(v)}")
-    return out
-
-
 def load_verify_config(path: str | Path | None = None, overrides: list[str] | None = None,
                        name_prefix: str = "verify") -> Config:
     """Defaults ← VERIFY_DEFAULTS ← YAML file ← overrides (a YAML file wins over our defaults)."""
-    layered = list(VERIFY_DEFAULTS)
-    if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
-        layered += _flatten(loaded)
-    cfg = load_config(None, layered + list(overrides or []))
+    cfg = load_config(path, overrides, base=overrides_tree(VERIFY_DEFAULTS))
     if not cfg.run.name:
         cfg.run.name = time.strftime(f"{name_prefix}-%Y%m%d-%H%M%S")
     if cfg.model.gguf_file:
@@ -98,7 +82,7 @@ def _sub_config(cfg: Config, study_dir: Path, name: str, overrides: list[str]) -
              f"data.eval_source={json.dumps(str(study_dir / 'eval.jsonl'))}", "data.eval_split=null"]
     if cfg.model.lora.enabled:
         extra.append("run.export_merged=true")  # scored on the merged full weights
-    return load_config(None, _flatten(cfg.to_dict()) + extra + overrides)
+    return load_config(None, extra + overrides, base=cfg.to_dict())
 
 
 def label_noise(cfg: Config) -> float:
