@@ -22,6 +22,7 @@ from safedpo_ray.config.training import (
     ConfigError,
     DataConfig,
     ModelConfig,
+    RowSource,
     RunConfig,
     TrainConfig,
     check_config,
@@ -46,27 +47,17 @@ class EvalModelConfig:
 
 
 @dataclass
-class EvalDataConfig:
+class EvalDataConfig(RowSource):
     source: str | None = None
     """Preference data for implicit metrics and prompts for generation: 'synthetic', a file, or a hub id."""
     split: str = "test"
     """Hub split to read ('synthetic' reads its held-out split whatever this says)."""
-    subset: str | None = None
-    """Hub dataset configuration (None: the dataset's default)."""
-    schema: str = "auto"
-    """Row schema: 'auto', 'pku' or 'pairwise'."""
-    max_rows: int | None = None
-    """Read at most this many rows of the source."""
+    synthetic_prompts: int = 60
+    """Prompts generated when source is 'synthetic'."""
     prompts: str | None = None
     """Prompts to generate from: a .jsonl/.json/.csv/.parquet file with a 'prompt' column (default: the prompts of `source`)."""
     max_prompts: int | None = None
     """Generate for at most this many (distinct) prompts."""
-    synthetic_prompts: int = 60
-    """Prompts generated when source is 'synthetic'."""
-    max_length: int = 512
-    """Prompt + response tokens for implicit metrics (responses are cut on the right)."""
-    max_prompt_length: int = 256
-    """Prompt tokens kept (the last ones) for implicit metrics and generation."""
 
 
 @dataclass

@@ -26,35 +26,43 @@ TINY_PRESET = "tiny"
 
 
 @dataclass
-class DataConfig:
-    source: str = "synthetic"
+class RowSource:
+    """Where rows come from and how long a pair may be: the data keys of `train` (DataConfig) and
+    `evaluate` (config/evaluation.py's EvalDataConfig)."""
+    source: str | None = "synthetic"
     """'synthetic' (built-in generated data), a hub dataset id, or a local .jsonl/.json/.parquet/.csv file."""
     split: str = "train"
     """Split to read from a hub dataset."""
     subset: str | None = None
     """Hub dataset configuration (e.g. 'alpaca-7b' of PKU-Alignment/PKU-SafeRLHF; None: its default)."""
+    schema: str = "auto"
+    """Row schema: 'auto', 'pku' (PKU-SafeRLHF) or 'pairwise' (prompt, chosen, rejected, chosen_unsafe, rejected_unsafe)."""
+    max_rows: int | None = None
+    """Read at most this many rows of the source (None: all)."""
+    synthetic_prompts: int = 240
+    """Prompts generated when source is 'synthetic'."""
+    max_length: int = 512
+    """Maximum prompt + response tokens; longer responses are cut on the right."""
+    max_prompt_length: int = 256
+    """Maximum prompt tokens; longer prompts keep their last tokens."""
+
+
+@dataclass
+class DataConfig(RowSource):
+    source: str = "synthetic"
+    """'synthetic' (built-in generated data), a hub dataset id, or a local .jsonl/.json/.parquet/.csv file."""
     eval_source: str | None = None
     """Held-out pairs: same forms as `source`; when unset, `eval_split` of a hub source or `eval_fraction` of the source."""
     eval_split: str | None = None
     """Hub split used for held-out pairs (e.g. 'test'); only with a hub source and no eval_source."""
     eval_fraction: float = 0.05
     """Fraction of prompts held out when there is no separate eval data (split by prompt hash, so no prompt is in both)."""
-    schema: str = "auto"
-    """Row schema: 'auto', 'pku' (PKU-SafeRLHF) or 'pairwise' (prompt, chosen, rejected, chosen_unsafe, rejected_unsafe)."""
     mode: str = "safedpo"
     """Transformation T: 'safedpo', 'helpful', 'harmless' or 'safebetter'."""
     strict: bool = False
     """Stop at the first invalid row instead of quarantining bad rows."""
-    max_rows: int | None = None
-    """Read at most this many rows of the source (None: all)."""
-    synthetic_prompts: int = 240
-    """Training prompts generated when source is 'synthetic'."""
     synthetic_eval_prompts: int = 60
     """Held-out prompts generated when source is 'synthetic'."""
-    max_length: int = 512
-    """Maximum prompt + response tokens; longer responses are cut on the right."""
-    max_prompt_length: int = 256
-    """Maximum prompt tokens; longer prompts keep their last tokens."""
     tokenize_batch_size: int = 256
     """Rows per Ray Data tokenization batch (SFT and scorer data; training data streams in batches of 1024)."""
     drop_duplicates: bool = False
