@@ -25,7 +25,6 @@ from typing import Any
 from urllib.parse import urlparse
 
 from safedpo_ray.config.evaluation import EvalConfig, dump_yaml
-from safedpo_ray.config.training import RunConfig
 from safedpo_ray.evaluate.cache import EvalCache, generation_key, implicit_key, item_key, scorer_key
 from safedpo_ray.evaluate.generate import check_engine, generate_with_ray, prompt_rows
 from safedpo_ray.evaluate.implicit import load_pairs, read_source_rows, run_implicit_on_ray
@@ -45,18 +44,18 @@ from safedpo_ray.evaluate.report import markdown_table, write_json, write_report
 from safedpo_ray.evaluate.scorers import score_with_ray
 from safedpo_ray.evaluate.xstest import read_xstest, xstest_metrics
 from safedpo_ray.models.resolve import EvalError, has_reference, resolve_model, resolve_models
-from safedpo_ray.runtime.ray_env import ensure_ray
+from safedpo_ray.runtime.ray_env import RayRequest, ensure_ray
 from safedpo_ray.runtime.storage import staged_output_dir
 
 NAN = math.nan
 
 
-def _ray_run_config(cfg: EvalConfig) -> RunConfig:
+def _ray_request(cfg: EvalConfig) -> RayRequest:
     g, s = cfg.generation, cfg.scoring
     workers = max(g.num_actors, s.num_actors, 1)
-    return RunConfig(num_workers=workers, cpus_per_worker=max(g.cpus_per_actor, s.cpus_per_actor),
-                     use_gpu=(g.gpus_per_actor > 0 or s.gpus_per_actor > 0), address=cfg.ray.address,
-                     local_num_cpus=cfg.ray.local_num_cpus)
+    return RayRequest(num_workers=workers, cpus_per_worker=max(g.cpus_per_actor, s.cpus_per_actor),
+                      use_gpu=(g.gpus_per_actor > 0 or s.gpus_per_actor > 0), address=cfg.ray.address,
+                      local_num_cpus=cfg.ray.local_num_cpus)
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -187,7 +186,7 @@ class Evaluation:
 
     def _ray(self) -> None:
         if not self._ray_started:
-            ensure_ray(_ray_run_config(self.cfg))
+            ensure_ray(_ray_request(self.cfg))
             self._ray_started = True
 
     def save(self) -> None:

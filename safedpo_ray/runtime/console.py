@@ -85,7 +85,6 @@ class Session:
         self.path: Path | None = None
         self.handler = _FileHandler(self)
         self.undo: list[Callable[[], None]] = []
-        self.owns_ray = False
         self.ray_print: Callable | None = None
 
     # -- the file ------------------------------------------------------------------------------
@@ -179,7 +178,6 @@ class Session:
 
     # -- Ray -----------------------------------------------------------------------------------
     def ray_ready(self, run: Any = None, started: bool = False) -> None:
-        self.owns_ray = self.owns_ray or started
         self.route_loggers()
         if self.file is None:
             self.attach(self.log_path(run))
@@ -271,7 +269,7 @@ class Session:
 
     # -- the end -------------------------------------------------------------------------------
     def finish(self, failed: bool = False) -> None:
-        if self.owns_ray:  # the command that started Ray stops it, while its output still comes here
+        if ray_env.started_here():  # the command that started Ray stops it, while its output still comes here
             try:
                 ray_env.shutdown()
             except Exception:  # pragma: no cover

@@ -3,13 +3,35 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     from safedpo_ray.config.training import RunConfig
 
+
+
+@dataclass(frozen=True)
+class RayRequest:
+    """What a command asks of Ray when it is not a training run (a RunConfig has these fields too):
+    where, and how many workers or actors of how many CPUs, on GPUs or not."""
+    address: str | None = None
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    local_num_cpus: int | None = None
+    name: str | None = None
+
+
 _ready_listeners: list[Callable[[Any, bool], None]] = []
+_started_here = False  # this process called ray.init (a local Ray it started, or a cluster it joined)
+
+
+def started_here() -> bool:
+    """Whether this process started (or joined) the Ray it is connected to: the one answer to
+    "is Ray ours to stop" for the console, the signal guard and the commands."""
+    return _started_here
 
 
 def on_ready(listener: Callable[[Any, bool], None]) -> None:
@@ -20,6 +42,8 @@ def on_ready(listener: Callable[[Any, bool], None]) -> None:
 
 
 def _ready(run: Any, started: bool) -> None:
+    global _started_here
+    _started_here = _started_here or started
     for listener in list(_ready_listeners):
         listener(run, started)
 
@@ -40,7 +64,7 @@ def worker_env(use_gpu: bool) -> dict[str, str]:
     return env
 
 
-def ensure_ray(run: RunConfig, *, dashboard: bool = True) -> None:
+def ensure_ray(run: RunConfig | RayRequest, *, dashboard: bool = True) -> None:
     """ray.init once: the configured address, RAY_ADDRESS, or a local Ray with spare CPUs.
 
     A local Ray gets more logical CPUs than the workers reserve, so Ray Data tasks can run beside
@@ -108,6 +132,8 @@ def shutdown() -> None:
     except Exception:  # noqa: BLE001  (Ray's internals moved: plain ray.shutdown)
         pass
     ray.shutdown()
+    global _started_here
+    _started_here = False
 
 
 def parallel_cpus(free: float) -> int:

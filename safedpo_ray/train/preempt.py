@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from safedpo_ray.errors import UserError
-from safedpo_ray.runtime import storage
+from safedpo_ray.runtime import ray_env, storage
 from safedpo_ray.runtime.ray_env import shutdown
 
 STOP_MARKER = "STOP_REQUESTED.json"
@@ -220,16 +220,18 @@ def stop_descendants(timeout_s: float) -> list[str]:
     return killed
 
 
-def shutdown_ray(started_here: bool, *, timeout_s: float = 15.0) -> None:
-    """When this command initialised Ray: `ray.shutdown()` (it stops a local Ray we started, and
-    only disconnects from a cluster), then every process of ours still alive after `timeout_s` is
-    killed. Seen once in five signal runs here: a `ray::TrainController` whose core worker had
-    shut down but whose process was still alive 15 s later, so ray.shutdown alone is not enough."""
+def shutdown_ray(ours: bool, *, timeout_s: float = 15.0) -> None:
+    """When Ray was not up as the command began (`ours`): `ray.shutdown()` of the Ray it started
+    (`ray_env.started_here`; or one that Ray Data or Tune started on their own meanwhile): it
+    stops a local Ray, and only disconnects from a cluster; then every process of ours still alive
+    after `timeout_s` is killed. Seen once in five signal runs here: a `ray::TrainController`
+    whose core worker had shut down but whose process was still alive 15 s later, so
+    ray.shutdown alone is not enough."""
     import ray
 
-    if not started_here:
+    if not ours:
         return
-    if ray.is_initialized():
+    if ray_env.started_here() or ray.is_initialized():
         try:
             shutdown()
         except Exception as exc:  # keep going: the processes are stopped below
