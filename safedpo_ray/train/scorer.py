@@ -37,6 +37,7 @@ from safedpo_ray.models.loading import TINY_PRESET, build_tiny_model, load_model
 from safedpo_ray.models.resolve import EvalError
 from safedpo_ray.models.score_model import LlamaForScore
 from safedpo_ray.runtime.ray_env import ensure_ray
+from safedpo_ray.train.launch import Launch, launch
 from safedpo_ray.train.sampler import PairSampler
 from safedpo_ray.train.strategy import DeepSpeedStrategy
 
@@ -226,9 +227,6 @@ def scorer_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
 
 def train_scorer(cfg: ScorerConfig) -> dict[str, Any]:
     """Train the configured score model(s); returns the summary (also <output_dir>/summary.json)."""
-    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     from safedpo_ray.data.pipeline import read_splits, validate_rows, write_quarantine  # lazy: imports pyarrow
 
     t0 = time.time()
@@ -253,22 +251,11 @@ def train_scorer(cfg: ScorerConfig) -> dict[str, Any]:
     kinds = ["cost", "reward"] if cfg.scorer.kind == "both" else [cfg.scorer.kind]
     summary: dict[str, Any] = {"output_dir": str(out), "base_model": base, "train_pairs": len(train_v.rows),
                                "eval_pairs": len(eval_v.rows)}
-    trainer = TorchTrainer(
-        scorer_loop,
-        train_loop_config={"config": cfg.to_dict(), "kinds": kinds, "model_path": base, "output_dir": str(out)},
-        torch_config=TorchConfig(backend="nccl" if cfg.run.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
-                                     resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
-        run_config=RunConfig(name=f"scorer-{'-'.join(kinds)}-{time.strftime('%Y%m%d-%H%M%S')}",
-                             storage_path=cfg.run.storage_path or str(out / "ray"),
-                             failure_config=FailureConfig(max_failures=cfg.run.max_failures)),
-        datasets=datasets,
-        # every worker reads every pair and the PairSampler picks its share (fixed order)
-        dataset_config=DataConfig(datasets_to_split=[]),
-    )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
+    # every worker reads every pair and the PairSampler picks its share (fixed order)
+    result = launch(Launch(
+        scorer_loop, {"config": cfg.to_dict(), "kinds": kinds, "model_path": base, "output_dir": str(out)},
+        cfg, name=f"scorer-{'-'.join(kinds)}-{time.strftime('%Y%m%d-%H%M%S')}",
+        storage_path=cfg.run.storage_path or str(out / "ray"), root=str(out), datasets=datasets))
     summary["models"] = result.return_value
     summary["wall_time_s"] = round(time.time() - t0, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -27,6 +27,7 @@ from safedpo_ray.data.schema import SchemaError
 from safedpo_ray.data.sft import PLAIN, SFT_COLUMNS, examples_dataset, format_sft_stats, sft_schema, validate_plain_rows
 from safedpo_ray.runtime.ray_env import ensure_ray
 from safedpo_ray.train import preempt
+from safedpo_ray.train.launch import Launch, launch
 from safedpo_ray.train.trainer import _check_resources, _check_run_dir, resolve_model, run_dir_for
 
 
@@ -87,10 +88,6 @@ def prepare_sft(cfg: Config, run_dir: Path) -> Prepared:
 
 def sft(cfg: Config) -> dict[str, Any]:
     """Run supervised fine-tuning as configured; returns the summary (also <run>/summary.json)."""
-    from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     from safedpo_ray.train.sft_worker import sft_loop  # lazy: imports torch
 
     if not cfg.run.name:
@@ -107,26 +104,12 @@ def sft(cfg: Config) -> dict[str, Any]:
     prepared = prepare_sft(cfg, run_dir)
     for ds in prepared.datasets.values():
         ds.context.enable_progress_bars = False
-    trainer = TorchTrainer(
+    result = launch(Launch(
         sft_loop,
-        train_loop_config={"config": cfg.to_dict(), "model_path": prepared.model_path, "run_dir": str(run_dir),
-                           "has_eval": "eval" in prepared.datasets},
-        torch_config=TorchConfig(backend="nccl" if cfg.run.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
-                                     resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
-        run_config=RunConfig(name=cfg.run.name, storage_path=storage,
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-                             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-                             callbacks=preempt.worker_callbacks(cfg.run.stop_timeout_s)),  # a worker's SIGTERM
-        datasets={k: v.select_columns(SFT_COLUMNS) for k, v in prepared.datasets.items()},
-        # Every worker holds every example and takes its share by index (train/sampler.py).
-        # Our own ExecutionOptions: Ray Train's defaults copy DataContext's and set the deprecated
-        # `exclude_resources` (a RayDeprecationWarning from every run).
-        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions()),
-    )
-    result = preempt.run_fit(trainer.fit, root=str(run_dir))  # signals: checkpoint and stop (train/preempt.py)
-    if result.error:
-        raise result.error
+        {"config": cfg.to_dict(), "model_path": prepared.model_path, "run_dir": str(run_dir),
+         "has_eval": "eval" in prepared.datasets},
+        cfg, name=cfg.run.name, storage_path=storage, root=str(run_dir), keep_checkpoints=cfg.train.keep_checkpoints,
+        datasets={k: v.select_columns(SFT_COLUMNS) for k, v in prepared.datasets.items()}))
     summary = {"run_dir": str(run_dir), "stage": "sft", "data": prepared.stats, **(result.return_value or {}),
                "wall_time_s": round(time.time() - t0, 1)}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -25,13 +25,13 @@ import numpy as np
 import torch
 
 from safedpo_ray.config.training import Config, config_from_dict
-from safedpo_ray.data.sft import collate_examples
 from safedpo_ray.core.logprobs import sequence_logps
+from safedpo_ray.data.sft import collate_examples
 from safedpo_ray.models.loading import apply_lora, export_model, is_peft_model, load_model, load_tokenizer
+from safedpo_ray.train import preempt
 from safedpo_ray.train.metrics_log import MetricsLog
 from safedpo_ray.train.sampler import PairSampler
 from safedpo_ray.train.strategy import DeepSpeedStrategy
-from safedpo_ray.train import preempt
 from safedpo_ray.train.worker import restore_checkpoint
 
 
@@ -169,8 +169,6 @@ class SftWorker:
         return out
 
     def run(self) -> dict[str, Any]:
-        import ray.train
-
         cfg, s = self.cfg, self.strategy
         state, start = restore_checkpoint(s)
         log = None

@@ -36,8 +36,9 @@ from safedpo_ray.runtime import storage as run_storage
 from safedpo_ray.runtime.ray_env import ensure_ray
 from safedpo_ray.runtime.run_dirs import claim
 from safedpo_ray.runtime.safe_loading import check_pickle_weights
-from safedpo_ray.train import faults, handoff, preempt
+from safedpo_ray.train import handoff, preempt
 from safedpo_ray.train.early_start import overlaps_preparation
+from safedpo_ray.train.launch import Launch, launch
 
 
 class RunError(UserError):
@@ -409,9 +410,6 @@ def fit(cfg: Config, run_dir: Path, prepared, *, storage: str, started: float,
     the pairs, and `model_path` says what they load)."""
     from concurrent.futures import Future
 
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     from safedpo_ray.train.worker import train_loop  # lazy: imports torch
 
     later = prepared if isinstance(prepared, Future) else None
@@ -420,33 +418,17 @@ def fit(cfg: Config, run_dir: Path, prepared, *, storage: str, started: float,
     else:
         pairs, has_eval = {"pairs": None, "reference": None}, False  # announced to the workers later
     reference_cached = later is None and prepared.reference is not None
-    trainer = TorchTrainer(
+    # No Ray Datasets: every worker memory-maps the prepared files and picks its pairs by
+    # position (train/sampler.py), a fixed order that exact resume and batch invariance need.
+    result = launch(Launch(
         train_loop,
-        train_loop_config={"config": cfg.to_dict(), "model_path": model_path, "run_dir": str(run_dir),
-                           "has_eval": has_eval, "reference_cached": reference_cached,
-                           **pairs,  # workers memory-map the prepared files
-                           "storage_root": root or str(run_dir),  # where rank 0's outputs go
-                           "torch_threads": torch_threads(cfg.run)},
-        torch_config=TorchConfig(backend="nccl" if cfg.run.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
-            resources_per_worker={"CPU": cfg.run.cpus_per_worker, **cfg.run.worker_resources},
-        ),
-        run_config=RunConfig(
-            name=cfg.run.name, storage_path=storage,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            failure_config=faults.failure_config(cfg),  # max_failures, and a bounded wait for nodes
-            # + each worker's SIGTERM handler: checkpoint first (train/preempt.py)
-            callbacks=[*(callbacks or []), *preempt.worker_callbacks(cfg.run.stop_timeout_s)],
-        ),
-        # No Ray Datasets: every worker memory-maps the prepared files and picks its pairs by
-        # position (train/sampler.py), a fixed order that exact resume and batch invariance need.
-    )
-    # trainer.fit(), with a clear message when nodes did not come back; in a thread under the CLI,
-    # so that a signal asks the workers for a checkpoint and a stop (train/preempt.py)
-    result = preempt.run_fit(lambda: faults.fit(trainer, cfg), root=root or str(run_dir))
-    if result.error:
-        raise faults.explain(cfg, result.error)
+        {"config": cfg.to_dict(), "model_path": model_path, "run_dir": str(run_dir),
+         "has_eval": has_eval, "reference_cached": reference_cached,
+         **pairs,  # workers memory-map the prepared files
+         "storage_root": root or str(run_dir),  # where rank 0's outputs go
+         "torch_threads": torch_threads(cfg.run)},
+        cfg, name=cfg.run.name, storage_path=storage, root=root or str(run_dir),
+        keep_checkpoints=cfg.train.keep_checkpoints, callbacks=list(callbacks or [])))
     if later is not None:
         if (result.return_value or {}).get("no_pairs"):
             preempt.raise_if_signalled(cfg.run.name)  # a signal before the pairs were ready

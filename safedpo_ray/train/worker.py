@@ -62,7 +62,6 @@ def restore_checkpoint(strategy: DeepSpeedStrategy) -> tuple[dict[str, Any], int
 
 class Worker:
     def __init__(self, loop_config: dict[str, Any]):
-        import ray.train
 
         self.cfg = cfg = config_from_dict(loop_config["config"])
         # Rank 0 writes the run's outputs here: the run root, or a node-local staging dir uploaded to it.

@@ -1,0 +1,87 @@
+"""The one way a Ray Train job starts: every `TorchTrainer` of the package is built here.
+
+`train`, `sft`, `train-scorer` and every Tune trial describe their job (`Launch`: the worker
+loop and its config, the configuration whose `run` section says the resources, storage and
+failure handling) and call `launch`. Each of them therefore gets, by construction:
+- resources: `run.num_workers` × (`run.cpus_per_worker` CPUs, a GPU with `run.use_gpu`,
+  `run.worker_resources`), the NCCL backend on GPUs and gloo on CPUs;
+- storage: Ray Train's checkpoints under the job's storage path (a shared filesystem or an
+  object store on a cluster), keeping `keep_checkpoints` of them;
+- failures: `run.max_failures` restarts from the last checkpoint, and a wait for lost nodes
+  bounded by `run.node_wait_timeout_s` with a message saying how to resume (train/faults.py);
+- stopping: SIGTERM/SIGINT on the driver asks the workers for a checkpoint and a stop, a
+  worker's own SIGTERM (its node going away) checkpoints first (train/preempt.py); a user error
+  raised on a worker reaches the user as its one sentence.
+Data reaches the workers in one of two ways, both chosen by the job: files every worker
+memory-maps (prepared pairs) or small Ray Datasets every worker reads whole (`datasets`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from safedpo_ray.train import faults, preempt
+
+
+@dataclass
+class Launch:
+    loop: Callable[[dict[str, Any]], Any]
+    """What each worker runs (`train_loop(loop_config)`)."""
+    loop_config: dict[str, Any]
+    cfg: Any
+    """The command's configuration: its `run` section (RunConfig) sets resources and failures."""
+    name: str
+    """Ray Train's name for the run (its checkpoints live under storage_path/name)."""
+    storage_path: str
+    """Ray Train's storage: a local path, a shared filesystem or an object-store URI."""
+    root: str
+    """The run's own root (local path or URI): where the driver's stop marker is written."""
+    keep_checkpoints: int | None = None
+    datasets: dict[str, Any] | None = None
+    """Ray Datasets every worker reads whole and picks its share of by index (train/sampler.py)."""
+    callbacks: list = field(default_factory=list)
+    """More Ray Train callbacks (a Tune trial passes its reporter)."""
+
+
+def trainer_for(job: Launch):
+    """The `TorchTrainer` for a job (built, not started)."""
+    from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig  # lazy: imports ray
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    run = job.cfg.run
+    extra: dict[str, Any] = {}
+    if job.datasets is not None:
+        from ray.data import ExecutionOptions
+
+        extra["datasets"] = job.datasets
+        # Every worker holds every example and takes its share by index (train/sampler.py).
+        # Our own ExecutionOptions: Ray Train's defaults copy DataContext's and set the deprecated
+        # `exclude_resources` (a RayDeprecationWarning from every run).
+        extra["dataset_config"] = DataConfig(datasets_to_split=[], execution_options=ExecutionOptions())
+    return TorchTrainer(
+        job.loop,
+        train_loop_config=job.loop_config,
+        torch_config=TorchConfig(backend="nccl" if run.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu,
+                                     resources_per_worker={"CPU": run.cpus_per_worker, **run.worker_resources}),
+        run_config=RunConfig(
+            name=job.name, storage_path=job.storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=job.keep_checkpoints),
+            failure_config=faults.failure_config(job.cfg),  # max_failures, and a bounded wait for nodes
+            # + each worker's SIGTERM handler: checkpoint first (train/preempt.py)
+            callbacks=[*job.callbacks, *preempt.worker_callbacks(run.stop_timeout_s)],
+        ),
+        **extra,
+    )
+
+
+def launch(job: Launch):
+    """Run the job to its end; Ray Train's `Result`. `trainer.fit()` runs in a thread under a
+    command's signal guard (the main thread keeps handling signals), with a clear message when
+    nodes did not come back or a worker raised a user error."""
+    trainer = trainer_for(job)
+    result = preempt.run_fit(lambda: faults.fit(trainer, job.cfg), root=job.root)
+    if result.error:
+        raise faults.explain(job.cfg, result.error)
+    return result
