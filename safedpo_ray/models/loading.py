@@ -251,6 +251,17 @@ def apply_lora(model: nn.Module, *, r: int, alpha: int, dropout: float, target_m
     return get_peft_model(model, config)
 
 
+def apply_lora_config(model: nn.Module, model_cfg) -> nn.Module:
+    """LoRA adapters as `model.lora` says (['all-linear']: every linear layer but the output head);
+    with gradient checkpointing the inputs require grads, so the frozen base passes them on."""
+    lora = model_cfg.lora
+    target = lora.target_modules[0] if lora.target_modules == ["all-linear"] else lora.target_modules
+    model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=target)
+    if model_cfg.gradient_checkpointing:
+        model.enable_input_require_grads()
+    return model
+
+
 def is_peft_model(model: nn.Module) -> bool:
     try:
         from peft import PeftModel

@@ -27,7 +27,7 @@ import torch
 from safedpo_ray.config.training import Config, config_from_dict
 from safedpo_ray.core.logprobs import sequence_logps
 from safedpo_ray.data.sft import collate_examples
-from safedpo_ray.models.loading import apply_lora, export_model, is_peft_model, load_model, load_tokenizer
+from safedpo_ray.models.loading import apply_lora_config, export_model, is_peft_model, load_model, load_tokenizer
 from safedpo_ray.train import preempt
 from safedpo_ray.train.metrics_log import MetricsLog
 from safedpo_ray.train.sampler import PairSampler
@@ -63,11 +63,7 @@ def build_policy(cfg: Config, model_path: str):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if cfg.model.lora.enabled:
-        lora = cfg.model.lora
-        target = lora.target_modules[0] if lora.target_modules == ["all-linear"] else lora.target_modules
-        model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=target)
-        if cfg.model.gradient_checkpointing:
-            model.enable_input_require_grads()
+        model = apply_lora_config(model, cfg.model)
     return tokenizer, model
 
 

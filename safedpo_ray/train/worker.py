@@ -33,7 +33,7 @@ from safedpo_ray.data.packing import probe_pairs
 from safedpo_ray.data.pairs import PairTable
 from safedpo_ray.data.tokenize import collate_pairs
 from safedpo_ray.models.loading import (
-    apply_lora,
+    apply_lora_config,
     export_model,
     load_model,
     load_tokenizer,
@@ -82,11 +82,7 @@ class Worker:
         self.reference_forwards = 0
         reference = None
         if cfg.model.lora.enabled:
-            lora = cfg.model.lora
-            target = lora.target_modules[0] if lora.target_modules == ["all-linear"] else lora.target_modules
-            model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=target)
-            if cfg.model.gradient_checkpointing:
-                model.enable_input_require_grads()
+            model = apply_lora_config(model, cfg.model)
         elif not self.reference_cached and uses_reference(cfg.train.loss):  # SimPO needs none
             reference = make_reference_copy(model)
         self.logits_note = install_logp_heads(cfg, model, reference)
