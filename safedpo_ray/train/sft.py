@@ -28,6 +28,7 @@ from safedpo_ray.data.sft import PLAIN, SFT_COLUMNS, examples_dataset, format_sf
 from safedpo_ray.runtime.ray_env import ensure_ray
 from safedpo_ray.train import preempt
 from safedpo_ray.train.launch import Launch, launch
+from safedpo_ray.train.summary import format_run_summary
 from safedpo_ray.train.trainer import _check_resources, _check_run_dir, resolve_model, run_dir_for
 
 
@@ -118,17 +119,8 @@ def sft(cfg: Config) -> dict[str, Any]:
 
 
 def format_sft_summary(summary: dict[str, Any]) -> str:
-    lines = ["", "== SFT run summary ==", format_sft_stats(summary["data"])]
-    before, after = summary.get("eval_before", {}), summary.get("eval_after")
-    if after is not None:
-        lines.append("held-out response-token NLL (per token)                  before    after")
-        for label, key in (("safe responses (the SFT targets' kind)", "loss"),
-                           ("unsafe responses (never trained on)", "loss/unsafe")):
-            if key in after:
-                lines.append(f"  {label:<48} {before.get(key, float('nan')):>8.3f} {after[key]:>8.3f}")
-        lines.append(f"model: {summary.get('model_dir')}  (use as model.name_or_path for safedpo-ray train)")
-    else:
-        lines.append(f"stopped at step {summary.get('last_step')}; continue with run.resume=true "
-                     f"run.name={Path(summary['run_dir']).name}")
-    lines.append(f"run directory: {summary['run_dir']} ({summary['wall_time_s']} s)")
-    return "\n".join(lines)
+    return format_run_summary(
+        "SFT run summary", format_sft_stats(summary["data"]), summary,
+        "held-out response-token NLL (per token)                  before    after",
+        (("safe responses (the SFT targets' kind)", "loss"), ("unsafe responses (never trained on)", "loss/unsafe")),
+        "  (use as model.name_or_path for safedpo-ray train)")

@@ -39,6 +39,7 @@ from safedpo_ray.runtime.safe_loading import check_pickle_weights
 from safedpo_ray.train import handoff, preempt
 from safedpo_ray.train.early_start import overlaps_preparation
 from safedpo_ray.train.launch import Launch, launch
+from safedpo_ray.train.summary import format_run_summary
 
 
 class RunError(UserError):
@@ -450,21 +451,10 @@ def fit(cfg: Config, run_dir: Path, prepared, *, storage: str, started: float,
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    lines = ["", "== SafeDPO run summary ==", format_stats(summary["data"])]
-    before, after = summary.get("eval_before", {}), summary.get("eval_after")
-    if after is not None:
-        lines.append("held-out implicit-reward metrics (ties count half)      before    after")
-        for label, key in (
-            ("preference accuracy, safe-safe pairs", "rewards/accuracies/safe_safe"),
-            ("safe-over-unsafe accuracy, mixed pairs", "rewards/accuracies/safe_unsafe"),
-            ("reward margin, safe-safe pairs", "rewards/margins/safe_safe"),
-            ("reward margin, mixed pairs", "rewards/margins/safe_unsafe"),
-        ):
-            if key in after:
-                lines.append(f"  {label:<48} {before.get(key, float('nan')):>8.3f} {after[key]:>8.3f}")
-        lines.append(f"model: {summary.get('model_dir')}")
-    else:
-        lines.append(f"stopped at step {summary.get('last_step')}; continue with run.resume=true "
-                     f"run.name={Path(summary['run_dir'].split('?')[0]).name}")
-    lines.append(f"run directory: {summary['run_dir']} ({summary['wall_time_s']} s)")
-    return "\n".join(lines)
+    return format_run_summary(
+        "SafeDPO run summary", format_stats(summary["data"]), summary,
+        "held-out implicit-reward metrics (ties count half)      before    after",
+        (("preference accuracy, safe-safe pairs", "rewards/accuracies/safe_safe"),
+         ("safe-over-unsafe accuracy, mixed pairs", "rewards/accuracies/safe_unsafe"),
+         ("reward margin, safe-safe pairs", "rewards/margins/safe_safe"),
+         ("reward margin, mixed pairs", "rewards/margins/safe_unsafe")))
