@@ -109,7 +109,7 @@ print(sorted(m for m in ("torch", "transformers", "deepspeed", "pandas") if m in
 
 def test_a_command_reaches_ray_without_torch_or_transformers(tmp_path):
     """The parser, the console, the config and the data plan: what runs before Ray starts (the
-    heavy imports follow while ray.init waits, trainer.preload_modules)."""
+    heavy imports follow while ray.init waits, in trainer.start_model's thread)."""
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     code = STARTUP.replace("OUT", str(tmp_path / "out"))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
@@ -223,3 +223,36 @@ def test_a_local_ray_stops_without_waiting_for_its_autoscaler_monitor():
                           env={k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)})
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "-9 False", done.stdout
+
+
+IMPORT_THREADS = r"""
+import importlib.abc, json, sys, threading
+FIRST = {}
+class Recorder(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name in ("torch", "transformers", "ray.data", "ray.train.torch") and name not in FIRST:
+            FIRST[name] = threading.current_thread().name
+        return None
+sys.meta_path.insert(0, Recorder())
+from safedpo_ray.cli.main import main
+code = main(["train", *sys.argv[2:]])
+print(json.dumps({"code": code, "first": FIRST}))
+"""
+
+
+@pytest.mark.timeout(300)
+def test_start_up_imports_heavy_packages_in_one_thread(tmp_path):
+    """Two start-up threads importing torch at once left one of them with a partially
+    initialised torch ("module 'torch' has no attribute 'library'"): the job failed before any Ray
+    work. While Ray starts, one thread imports (trainer.start_model), never two."""
+    args = ["data.synthetic_prompts=16", "data.synthetic_eval_prompts=8", "data.max_length=96",
+            "data.max_prompt_length=32", "train.global_batch_size=4", "train.micro_batch_size=2",
+            "run.num_workers=2", "train.max_steps=1", "train.eval_every=0",
+            f"run.output_dir={tmp_path / 'runs'}"]
+    done = subprocess.run([sys.executable, "-c", IMPORT_THREADS, "x", *args], capture_output=True, text=True,
+                          timeout=280, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["code"] == 0
+    assert set(report["first"]) == {"torch", "transformers", "ray.data", "ray.train.torch"}, report
+    assert set(report["first"].values()) == {"safedpo-model"}, report

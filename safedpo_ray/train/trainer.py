@@ -214,10 +214,13 @@ def task_tokenizer_spec(cfg: Config, plan: DataPlan, path: str, texts) -> dict |
         return None
 
 
-def start_model(cfg: Config, run_dir: Path, plan: DataPlan):
+def start_model(cfg: Config, run_dir: Path, plan: DataPlan, preload: tuple[str, ...] = ()):
     """`resolve_model` in a thread, started before Ray: building the tiny preset (tokenizer
     training, torch's import) or converting a GGUF file takes seconds that a local `ray.init`
     spends waiting for its processes; so does loading the tokenizer for `task_tokenizer_spec`.
+    The modules in `preload` are imported first, in the same thread: one thread imports while
+    Ray starts, never two (two start-up threads importing torch at once left one with a
+    partially initialised torch: "module 'torch' has no attribute 'library'").
     Returns a future of a `ModelReady`; `.result()` re-raises its error."""
     import threading
     from concurrent.futures import Future
@@ -232,6 +235,7 @@ def start_model(cfg: Config, run_dir: Path, plan: DataPlan):
         texts = texts()
 
     def run() -> None:
+        import_quietly(preload)
         try:
             path = resolve_model(cfg, run_dir, texts)
             future.set_result(ModelReady(path, task_tokenizer_spec(cfg, plan, path, texts)))
@@ -252,10 +256,8 @@ def prepare(cfg: Config, run_dir: Path, plan: DataPlan | None = None, *, dashboa
     `started`: an Event set once the Ray Data pass delivers its first rows."""
     run_dir.mkdir(parents=True, exist_ok=True)
     plan = plan or plan_data(cfg)
-    model = model or start_model(cfg, run_dir, plan)
-    preload = preload_modules(("ray.data",))  # ~0.8 s, imported while Ray starts
+    model = model or start_model(cfg, run_dir, plan, preload=("ray.data",))  # ~0.8 s, while Ray starts
     ensure_ray(cfg.run, dashboard=dashboard)  # while the model is resolved
-    preload.join()
     ready = model.result()
     model_path = ready.path
     data = prepare_data(cfg, chunks=plan.chunks, names=plan.names, identity=plan.identity, tokenizer_path=model_path,
@@ -299,28 +301,21 @@ def _check_resources(cfg: Config) -> None:
     print(f"[safedpo] warning: {message} now; waiting for the autoscaler to add them", flush=True)
 
 
-PRELOAD = ("torch", "ray.train.torch", "safedpo_ray.train.worker")
+PRELOAD = ("ray.data", "torch", "ray.train.torch", "safedpo_ray.train.worker")
 """What `fit` imports on the driver (about 2 s of CPU on the 2-core machine)."""
 
 
-def preload_modules(names: tuple[str, ...]):
-    """Import `names` in a thread and return it (join it before relying on them). A local
-    `ray.init` spends seconds waiting for the processes it starts, with CPU to spare; the
-    imports fill that time instead of following it. A failed import here is left for the place
-    that needs the module, which imports it again and reports the error as usual."""
+def import_quietly(names: tuple[str, ...]) -> None:
+    """Import `names` (a local `ray.init` spends seconds waiting for the processes it starts,
+    with CPU to spare; the imports fill that time instead of following it). A failed import is
+    left for the place that needs the module, which imports it again and reports the error."""
     import importlib
-    import threading
 
-    def run() -> None:
-        for name in names:
-            try:
-                importlib.import_module(name)
-            except Exception:
-                return
-
-    thread = threading.Thread(target=run, name="safedpo-preload", daemon=True)
-    thread.start()
-    return thread
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception:
+            return
 
 
 def train(cfg: Config) -> dict[str, Any]:
@@ -332,12 +327,11 @@ def train(cfg: Config) -> dict[str, Any]:
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     t0 = time.time()
     plan = plan_data(cfg)  # a bad source is one sentence before any Ray work
-    import ray  # noqa: F401  (Ray's core modules, before the preloading thread imports Ray Train)
+    import ray  # noqa: F401  (Ray's core modules, before the start-up thread imports Ray Train)
 
-    preload = preload_modules(PRELOAD)  # imported while ray.init waits for Ray's processes
-    model = start_model(cfg, run_dir, plan)  # so is the model built or converted
+    # imported, then the model built or converted, in one thread while ray.init waits for Ray's processes
+    model = start_model(cfg, run_dir, plan, preload=PRELOAD)
     ensure_ray(cfg.run)
-    preload.join()
     preempt.rearm()  # ray.init replaced our SIGTERM/SIGINT handlers (train/preempt.py)
     _check_resources(cfg)
     run_storage.check_cluster_storage(cfg.run)  # several nodes: outputs need shared storage
