@@ -37,6 +37,7 @@ from safedpo_ray.models import (
     make_reference_copy,
     reference_logits_context,
 )
+from safedpo_ray.precision import weights_dtype
 from safedpo_ray.storage import RunOutputs, current_node_id
 from safedpo_ray.train import checkpoints, handoff, preempt
 from safedpo_ray.train.metrics_log import MetricsLog
@@ -70,7 +71,9 @@ class Worker:
         torch.manual_seed(cfg.train.seed)
 
         self.tokenizer = load_tokenizer(loop_config["model_path"], trust_remote_code=cfg.model.trust_remote_code)
-        model = load_model(loop_config["model_path"], trust_remote_code=cfg.model.trust_remote_code)
+        # In the training precision: bf16 halves each worker's host copy (precision.py).
+        model = load_model(loop_config["model_path"], trust_remote_code=cfg.model.trust_remote_code,
+                           dtype=weights_dtype(cfg.train.precision))
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
