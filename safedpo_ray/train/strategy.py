@@ -84,9 +84,11 @@ def build_ds_config(cfg: Config, *, on_gpu: bool) -> dict[str, Any]:
                 "betas": [0.9, 0.95],
                 "eps": 1e-8,
                 "weight_decay": t.weight_decay,
-                # DeepSpeed's own CPU Adam compiles a C++ op for ~30 s on first use; torch's
-                # AdamW is as fast for the models that fit a CPU run. GPUs get FusedAdam.
-                "torch_adam": not on_gpu,
+                # torch's AdamW everywhere: DeepSpeed's CPU Adam and FusedAdam compile an op on
+                # first use (~30 s on CPU; on GPUs against whatever CUDA toolkit the node has,
+                # which need not match torch's). On GPUs torch's fused CUDA kernel (no build).
+                "torch_adam": True,
+                **({"fused": True} if on_gpu else {}),
             },
         },
         "steps_per_print": 10**9,
