@@ -9,7 +9,8 @@ fresh process per mode, doing what a worker does before DeepSpeed shards anythin
 the live reference copy of a full fine-tune unless --no-reference; parameters cast to bf16 as
 DeepSpeed and `prepare_reference` do):
   before: `load_model` in float32 (the old default), then cast;
-  after:  `load_model` in the training precision (safedpo_ray/precision.py).
+  after:  `load_model` in the training precision (safedpo_ray/precision.py), the reference
+          loaded again instead of deep-copied.
 Prints each process's peak RSS (getrusage) and its rise over the RSS after imports, per
 parameter, and what that rise would be for 8 workers of a 7B model (an extrapolation, linear in
 the parameter count; not a measurement), then the anonymous and file-backed RSS once loaded
@@ -52,7 +53,11 @@ def child(mode: str, model_dir: str, reference: bool) -> dict:
     base = _status_kb() * 1024
     dtype = "float32" if mode == "before" else weights_dtype("bf16")
     model = load_model(model_dir, dtype=dtype)
-    models = [model, make_reference_copy(model)] if reference else [model]
+    models = [model]
+    if reference and mode == "before":  # the old worker: a deep copy of the policy
+        models.append(make_reference_copy(model))
+    elif reference:  # train/worker.py now: loaded again (memory-mapped when stored in bf16)
+        models.append(load_model(model_dir, dtype=dtype).eval().requires_grad_(False))
     for m in models:  # DeepSpeed's bf16 engine (policy) and prepare_reference: parameters only
         for p in m.parameters():
             p.data = p.data.to(torch.bfloat16)

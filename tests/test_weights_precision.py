@@ -102,3 +102,32 @@ def test_reference_actor_loads_in_precision_and_casts_before_move(tiny_dir, monk
     before = _cast_parameters(load_model(str(tiny_dir)), torch.bfloat16)
     for (name, a), (_, b) in zip(before.state_dict().items(), actor.model.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def _anon_mib() -> float:
+    from pathlib import Path
+
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("RssAnon:"))
+    return int(line.split()[1]) / 1024
+
+
+def test_reference_loaded_again_shares_the_checkpoint_pages(tmp_path):
+    """A bf16 checkpoint loaded in bf16 stays memory-mapped: a second load (the workers' live
+    reference) adds no private memory, where a deep copy adds the model's size."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from safedpo_ray.models import make_reference_copy
+
+    config = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=False)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "m")  # ~39M parameters
+    model_mib = 39e6 * 2 / 2**20
+    policy = load_model(str(tmp_path / "m"), dtype="bfloat16")
+    before = _anon_mib()
+    again = load_model(str(tmp_path / "m"), dtype="bfloat16").eval().requires_grad_(False)
+    loaded = _anon_mib() - before
+    copied = make_reference_copy(policy)
+    deep = _anon_mib() - before - loaded
+    assert loaded < 0.25 * model_mib < 0.75 * model_mib < deep, (loaded, deep, model_mib)
+    for (name, a), (_, b) in zip(copied.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
