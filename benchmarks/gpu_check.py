@@ -81,9 +81,12 @@ def random_pairs(n: int, prompt_len: int, response_len: int, vocab: int, seed: i
 
 def flops_per_step(model, pairs: dict[str, list]) -> float:
     """6·N per processed token (policy) + 2·N (reference); the output layer on response tokens only."""
-    head = model.get_output_embeddings().weight.numel()
-    embed = model.get_input_embeddings().weight.numel()
-    body = sum(p.numel() for p in model.parameters()) - head - embed
+    def numel(p) -> int:  # ZeRO-3 partitions leave p empty: ds_numel is the whole size
+        return int(getattr(p, "ds_numel", 0) or p.numel())
+
+    head = numel(model.get_output_embeddings().weight)
+    embed = numel(model.get_input_embeddings().weight)
+    body = sum(numel(p) for p in model.parameters()) - head - embed
     processed = sum(len(p) + len(c) + len(r) for p, c, r in
                     zip(pairs["prompt_ids"], pairs["chosen_ids"], pairs["rejected_ids"]))  # shared: prompt once
     scored = sum(len(c) + len(r) for c, r in zip(pairs["chosen_ids"], pairs["rejected_ids"]))
