@@ -131,3 +131,12 @@ def test_reference_loaded_again_shares_the_checkpoint_pages(tmp_path):
     assert loaded < 0.25 * model_mib < 0.75 * model_mib < deep, (loaded, deep, model_mib)
     for (name, a), (_, b) in zip(copied.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_sft_policy_loads_in_training_precision(tiny_dir, precision, dtype):
+    from safedpo_ray.config import load_config
+    from safedpo_ray.train.sft_worker import build_policy
+
+    _, model = build_policy(load_config(None, [f"train.precision={precision}"]), str(tiny_dir))
+    assert {p.dtype for p in model.parameters()} == {dtype}
