@@ -26,6 +26,7 @@ import pyarrow as pa
 
 from safedpo_ray.data.pairs import PairTable, open_split
 from safedpo_ray.data.tokenize import collate_pairs
+from safedpo_ray.models.precision import weights_dtype
 from safedpo_ray.runtime import storage
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
@@ -88,10 +89,15 @@ class ReferenceLogps:
         from safedpo_ray.models.loading import load_model, load_tokenizer  # lazy: imports torch
 
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.model = load_model(model_path, trust_remote_code=trust_remote_code).to(self.device).eval()
+
+        # Loaded in the compute dtype and cast on the host, then moved: the GPU never holds a
+        # float32 copy, the host one 16-bit copy (parameters only; buffers stay as loaded).
+        self.model = load_model(model_path, trust_remote_code=trust_remote_code,
+                                dtype=weights_dtype(precision)).eval()
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         for p in self.model.parameters():
             p.data = p.data.to(dtype)
+        self.model = self.model.to(self.device)
         self.pad_id = load_tokenizer(model_path, trust_remote_code=trust_remote_code).pad_token_id
         self.layout, self.layout_checked, self.precision = layout, False, precision
         if logits_chunk_tokens:

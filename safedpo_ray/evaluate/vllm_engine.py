@@ -35,10 +35,17 @@ __all__ = ["require_vllm", "vllm_sampling_params", "vllm_processor_kwargs", "vll
 
 
 def require_vllm() -> None:
+    """Checked where the command runs: the driver (on a cluster, the head) builds the Ray Data LLM
+    processor, and the GPU nodes run it, so both need vLLM."""
     if importlib.util.find_spec("vllm") is None:
+        import socket
+
         raise EvalError(
-            "generation.engine=vllm needs the vllm package on the GPU nodes (pip install vllm, matching "
-            "your CUDA/torch build); use generation.engine=hf where vllm is not available")
+            f"generation.engine=vllm: vllm is not installed on {socket.gethostname()}, where this command "
+            "runs (on a cluster: the job's driver, on the head node); the driver and the GPU nodes both "
+            "need it: pip install 'safedpo-ray[vllm]' (the vLLM and ray[llm] this package pins; "
+            "cluster/Dockerfile installs it on every pod), or pip install vllm matching your CUDA/torch "
+            "build; or use generation.engine=hf")
 
 
 def vllm_processor_kwargs(model_path: str, gen: GenerationConfig, *, trust_remote_code: bool = False) -> dict[str, Any]:

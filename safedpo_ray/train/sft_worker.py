@@ -28,6 +28,7 @@ from safedpo_ray.config.training import Config, config_from_dict
 from safedpo_ray.core.logprobs import sequence_logps
 from safedpo_ray.data.sft import collate_examples
 from safedpo_ray.models.loading import apply_lora_config, export_model, is_peft_model, load_model, load_tokenizer
+from safedpo_ray.models.precision import weights_dtype
 from safedpo_ray.train import preempt
 from safedpo_ray.train.metrics_log import MetricsLog
 from safedpo_ray.train.sampler import PairSampler
@@ -58,7 +59,8 @@ def response_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, t
 def build_policy(cfg: Config, model_path: str):
     """Tokenizer and trainable model (gradient checkpointing, LoRA) as the config asks."""
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code)
-    model = load_model(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    model = load_model(model_path, trust_remote_code=cfg.model.trust_remote_code,
+                       dtype=weights_dtype(cfg.train.precision))  # precision.py: half the host memory in bf16
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

@@ -84,9 +84,11 @@ def build_ds_config(cfg: Config, *, on_gpu: bool) -> dict[str, Any]:
                 "betas": [0.9, 0.95],
                 "eps": 1e-8,
                 "weight_decay": t.weight_decay,
-                # DeepSpeed's own CPU Adam compiles a C++ op for ~30 s on first use; torch's
-                # AdamW is as fast for the models that fit a CPU run. GPUs get FusedAdam.
-                "torch_adam": not on_gpu,
+                # torch's AdamW everywhere: DeepSpeed's CPU Adam and FusedAdam compile an op on
+                # first use (~30 s on CPU; on GPUs against whatever CUDA toolkit the node has,
+                # which need not match torch's). On GPUs torch's fused CUDA kernel (no build).
+                "torch_adam": True,
+                **({"fused": True} if on_gpu else {}),
             },
         },
         "steps_per_print": 10**9,
@@ -176,12 +178,13 @@ class DeepSpeedStrategy:
 
     def prepare_reference(self, ref_model: torch.nn.Module) -> torch.nn.Module:
         """A frozen reference: partitioned like the policy under ZeRO-3, else a plain module."""
-        ref_model = ref_model.to(self.device)
+        # Cast on the host, then move: the device never holds a float32 copy.
         # Cast parameters only, as DeepSpeed does for the policy: `.to(dtype)` would also cast
         # float buffers (rotary inv_freq), and the reference's log-probs would drift from the
         # policy's at step 0 (measured: logits off by 8e-3 in bf16).
         for p in ref_model.parameters():
             p.data = p.data.to(self.compute_dtype)
+        ref_model = ref_model.to(self.device)
         if self.cfg.train.zero_stage != 3:
             return ref_model.eval()
         config = {
