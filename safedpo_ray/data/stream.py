@@ -7,7 +7,7 @@
 
 No list of rows is built anywhere: tasks yield Arrow batches of at most `BATCH` rows, the driver
 iterates them (bounded by Ray Data's backpressure) and appends each batch to Arrow IPC files that
-training workers memory-map (train/pairs.py). Statistics are counts, updated per batch. The
+training workers memory-map (data/pairs.py). Statistics are counts, updated per batch. The
 output order is the chunks' order (`preserve_order`), so a prepared split is the same file
 whichever node read which chunk; each row keeps its file and row number (`pair_id` encodes both).
 """

@@ -2,7 +2,7 @@
 
 Receives everything through its config dict (no globals): {"config": Config.to_dict(),
 "model_path": local model dir, "run_dir": run directory, "pairs": the prepared split files
-(memory-mapped, train/pairs.py), or None while the driver still prepares them (train/handoff.py)}.
+(memory-mapped, data/pairs.py), or None while the driver still prepares them (train/handoff.py)}.
 """
 
 from __future__ import annotations
