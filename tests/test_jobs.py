@@ -54,11 +54,32 @@ def test_every_submittable_verb_is_checked_here(project):
         build_job(["tune", "--config", "configs/run.yaml", "train.bogus=1"], working_dir=project)
 
 
+def test_every_verb_but_the_job_verbs_can_be_submitted(project, monkeypatch):
+    """Each verb of the table ships, checked here first; on a cluster of several nodes, a job with
+    a run section and no run.storage_path is refused before anything is shipped."""
+    from safedpo_ray.cli import jobs
+    from safedpo_ray.cli.verbs import VERBS
+
+    assert {v.name for v in VERBS if v.submittable} == {v.name for v in VERBS}
+    for verb, args in (("sft", ["sft.responses=all_safe"]), ("delta-study", ["--deltas", "0,5"]), ("config", []),
+                       ("prepare", []), ("train-scorer", ["--kind", "cost"])):
+        job = build_job([verb, *args], working_dir=project)
+        assert job["entrypoint"].startswith(f"safedpo-ray {verb}")
+    with pytest.raises(ConfigError, match="sft.responses"):
+        build_job(["sft", "sft.responses=bogus"], working_dir=project)
+    monkeypatch.setattr(jobs, "alive_node_count", lambda address: 3)
+    for verb, args in (("sft", []), ("tune", ["--config", "configs/run.yaml"]), ("train-scorer", [])):
+        with pytest.raises(JobsError, match=f"3 nodes and run.storage_path is unset: the {verb} job"):
+            jobs._storage_unset_on_cluster(build_job([verb, *args], working_dir=project), "http://x:8265")
+    jobs._storage_unset_on_cluster(build_job(["sft", "run.storage_path=s3://b/p"], working_dir=project), "http://x")
+    jobs._storage_unset_on_cluster(build_job(["evaluate", "--data", "synthetic"], working_dir=project), "http://x")
+
+
 @pytest.mark.parametrize("argv, code, message", [
     (["--", "train", "train.beta=-1"], 2, "config error: 'train.beta' must be > 0"),
     (["--", "train", "--config", "missing.yaml"], 2, "--config missing.yaml: no such file"),
     (["--", "train", "--bogus"], 2, "is invalid (see above); nothing was submitted"),
-    (["--", "sft"], 2, "cannot submit 'sft': submit runs one of train, prepare, tune, evaluate"),
+    (["--", "jobs", "list"], 2, "cannot submit 'jobs': submit runs one of train, prepare, config, sft, tune, evaluate"),
     (["--", "prepare", "data.max_length=-1"], 2, "config error: 'data.max_length'"),
     (["--"], 2, "nothing to submit"),
     (["--env", "SAFEDPO_SURELY_UNSET", "--", "train"], 2, "--env SAFEDPO_SURELY_UNSET: not set here"),

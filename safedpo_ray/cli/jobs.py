@@ -206,17 +206,17 @@ def _env_vars(items: list[str] | None) -> dict[str, str]:
 
 
 def _storage_unset_on_cluster(job: dict[str, Any], address: str) -> None:
-    """A train job on a cluster of several nodes needs run.storage_path (the job would refuse to
-    start); say so before shipping. Unknown node counts and other verbs pass."""
-    if job["verb"] != "train":
-        return
-
-    if job["loaded"].run.storage_path:
+    """A job whose configuration has a run section (train, prepare, sft, tune, train-scorer,
+    verify...) needs run.storage_path on a cluster of several nodes (the job would refuse to
+    start, or leave its outputs on whichever node held rank 0): say so before shipping. Unknown
+    node counts and verbs without a run section pass."""
+    run = getattr(job["loaded"], "run", None)
+    if run is None or run.storage_path:
         return
     nodes = alive_node_count(address)
     if nodes and nodes > 1:
-        raise JobsError(f"this cluster has {nodes} nodes and run.storage_path is unset: the run's outputs "
-                        f"would stay on whichever node holds rank 0. {WHAT_TO_SET}; nothing was submitted")
+        raise JobsError(f"this cluster has {nodes} nodes and run.storage_path is unset: the {job['verb']} job's "
+                        f"outputs would stay on whichever node holds rank 0. {WHAT_TO_SET}; nothing was submitted")
 
 
 # --------------------------------------------------------------------------- verbs

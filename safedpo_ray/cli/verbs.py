@@ -55,10 +55,9 @@ VERBS: tuple[Verb, ...] = (
     Verb("prepare", "run the data pipeline; write prepared pairs and statistics",
          train_commands.cmd_prepare, train_commands.load_training),
     Verb("config", "print the resolved configuration",
-         train_commands.cmd_config, train_commands.load_training, on_ray=False, submittable=False),
+         train_commands.cmd_config, train_commands.load_training, on_ray=False),
     Verb("sft", "supervised fine-tuning on safe responses (Ray Train + DeepSpeed): the step before SafeDPO",
-         train_commands.cmd_sft, train_commands.load_training, overrides_help="overrides, e.g. sft.responses=all_safe",
-         submittable=False),
+         train_commands.cmd_sft, train_commands.load_training, overrides_help="overrides, e.g. sft.responses=all_safe"),
     Verb("tune", "search β, Δ or any config key with Ray Tune; pick the most helpful safe model",
          search_commands.cmd_tune, search_commands.load_tune, search_commands.tune_arguments,
          config_help="training config every trial starts from",
@@ -74,8 +73,7 @@ VERBS: tuple[Verb, ...] = (
          config_help="YAML config file (over the verify defaults)", overrides_help="overrides, e.g. train.max_steps=120"),
     Verb("delta-study", "SafeDPO on the synthetic world at several Δ: unsafe mass and distance to π*",
          verify_commands.cmd_delta_study, verify_commands.load_verify, verify_commands.delta_study_arguments,
-         config_help="YAML config file (over the verify defaults)", overrides_help="overrides, e.g. train.max_steps=120",
-         submittable=False),
+         config_help="YAML config file (over the verify defaults)", overrides_help="overrides, e.g. train.max_steps=120"),
 )
 BY_NAME = {v.name: v for v in VERBS}
 SUBMIT_VERBS = tuple(v.name for v in VERBS if v.submittable)

@@ -9,20 +9,34 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
+from safedpo_ray.config.training import Config
 from safedpo_ray.search.experiment import format_summary, run_experiment
-from safedpo_ray.search.space import base_config, load_space, split_overrides
+from safedpo_ray.search.space import SearchSpec, base_config, load_space, split_overrides
 
 
-def load_tune(args: argparse.Namespace):
-    """The search space and the training config every trial starts from."""
+@dataclass
+class TuneJob:
+    spec: SearchSpec
+    """The search space and the search's settings."""
+    base: Config
+    """The training config every trial starts from."""
+
+    @property
+    def run(self):
+        return self.base.run
+
+
+def load_tune(args: argparse.Namespace) -> TuneJob:
     search_overrides, train_overrides = split_overrides(args.overrides)
     spec = load_space(args.space, search_overrides)
-    return spec, base_config(args.config, spec, train_overrides)
+    return TuneJob(spec, base_config(args.config, spec, train_overrides))
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    spec, base = load_tune(args)
+    job = load_tune(args)
+    spec, base = job.spec, job.base
     summary = run_experiment(spec, base, resume=args.resume)
     print(format_summary(summary))
     return 0
