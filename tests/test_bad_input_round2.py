@@ -16,7 +16,8 @@ import pytest
 from safedpo_ray.cli.main import main as cli_main
 from safedpo_ray.data.file_checks import Skipped
 from safedpo_ray.data.files import SourceError, resolve_files
-from safedpo_ray.data.sources import chunks_for, read_chunk
+from safedpo_ray.data.readers import read_chunk
+from safedpo_ray.data.sources import chunks_for
 from safedpo_ray.data.stream import check_row
 
 pytestmark = pytest.mark.timeout(240)

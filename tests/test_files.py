@@ -21,15 +21,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from safedpo_ray.data.files import (
-    BOM,
-    SourceError,
-    csv_types,
-    is_hub_id,
-    plan_chunks,
-    read_chunk,
-    resolve_files,
-)
+from safedpo_ray.data.files import BOM, SourceError, is_hub_id, plan_chunks, resolve_files
+from safedpo_ray.data.readers import csv_types, read_chunk
 from safedpo_ray.data.sources import chunks_for, read_rows
 
 pytestmark = pytest.mark.timeout(120)

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safedpo_ray.data.files import SourceError, _open_text_bytes, read_chunk
+from safedpo_ray.data.files import SourceError, _open_text_bytes
+from safedpo_ray.data.readers import read_chunk
 from safedpo_ray.data.schema import SCHEMAS, SchemaError, detect_schema
 from safedpo_ray.data.stream import DataError, check_row, run_pipeline
 from safedpo_ray.runtime import storage

@@ -18,9 +18,9 @@ from safedpo_ray.data.files import (  # noqa: F401  (re-exported: the names call
     SourceError,
     is_hub_id,
     plan_chunks,
-    read_chunk,
     resolve_files,
 )
+from safedpo_ray.data.readers import read_chunk
 
 
 def chunks_for(source: str, *, split: str = "train", chunk_split: str = "hash", subset: str | None = None,

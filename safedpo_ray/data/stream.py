@@ -24,7 +24,8 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 
-from safedpo_ray.data.files import Chunk, read_chunk
+from safedpo_ray.data.files import Chunk
+from safedpo_ray.data.readers import read_chunk
 from safedpo_ray.data.schema import PKU_FIELDS, SCHEMAS, SchemaError, detect_schema, to_pku, validate_row
 from safedpo_ray.data.sources import prompt_in_eval
 from safedpo_ray.data.task_tokenizer import BackendTokenizer
