@@ -372,7 +372,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 JOB_VERBS = (
-    Verb("submit", f"submit a {'/'.join(SUBMIT_VERBS)} job to a Ray cluster (Ray Jobs API)", cmd_submit, None,
+    Verb("submit", "run any of the verbs above as a job on a Ray cluster (Ray Jobs API)", cmd_submit, None,
          submit_arguments, on_ray=False, submittable=False),
     Verb("jobs", "list, inspect, follow or stop cluster jobs", cmd_jobs, None, jobs_arguments,
          on_ray=False, submittable=False),
