@@ -38,7 +38,7 @@ from safedpo_ray.models.resolve import EvalError
 from safedpo_ray.models.score_model import LlamaForScore
 from safedpo_ray.runtime.ray_env import ensure_ray
 from safedpo_ray.train.launch import Launch, launch
-from safedpo_ray.train.sampler import PairSampler
+from safedpo_ray.train.sampler import PairSampler, rank_batches
 from safedpo_ray.train.strategy import DeepSpeedStrategy
 
 SCORER_COLUMNS = ["pair_id", "ids_0", "ids_1", "better", "safer", "unsafe_0", "unsafe_1"]
@@ -184,11 +184,13 @@ def train_one(kind: str, cfg: ScorerConfig, model_path: str, output_dir: str, to
                   f"acc {metrics['accuracy']:.3f} ({time.time() - t0:.0f}s)", flush=True)
 
     engine.eval()
-    mine, sums, n = eval_rows[s.rank::s.world_size], {}, 0
-    with torch.no_grad():
-        for i in range(0, len(mine), mb):
-            add(sums, *forward(mine[i:i + mb]))
-            n += len(mine[i:i + mb])
+    sums, n = {}, 0
+    with torch.no_grad():  # the same number of forwards on every rank (ZeRO-3: collective)
+        for idx, real in rank_batches(len(eval_rows), rank=s.rank, world_size=s.world_size, micro_batch_size=mb):
+            losses, extra = forward([eval_rows[i] for i in idx])
+            if real:  # a padding batch's scores are discarded
+                add(sums, losses, extra)
+                n += len(idx)
     held_out = reduce(sums, n)
     out = Path(output_dir) / kind
     with s.full_parameters() as module:

@@ -31,7 +31,7 @@ from safedpo_ray.models.loading import apply_lora_config, export_model, is_peft_
 from safedpo_ray.models.precision import weights_dtype
 from safedpo_ray.train import preempt
 from safedpo_ray.train.metrics_log import MetricsLog
-from safedpo_ray.train.sampler import PairSampler
+from safedpo_ray.train.sampler import PairSampler, rank_batches
 from safedpo_ray.train.strategy import DeepSpeedStrategy
 from safedpo_ray.train.worker import restore_checkpoint
 
@@ -96,18 +96,15 @@ class SftWorker:
     def evaluate(self) -> dict[str, float]:
         """Mean response-token NLL of the held-out safe and unsafe responses, all ranks together.
         Every rank runs the same number of forwards (ZeRO-3 forwards are collective)."""
-        s, mb = self.strategy, self.cfg.train.micro_batch_size
+        s = self.strategy
         sums = torch.zeros(2, 3, dtype=torch.float64)  # [safe, unsafe] × [nll, tokens, sequences]
-        mine = list(range(s.rank, len(self.eval_rows), s.world_size))
-        per_rank = -(-len(self.eval_rows) // s.world_size)
-        batches = -(-per_rank // mb)
         self.engine.eval()
         with torch.no_grad():
-            for b in range(batches):
-                idx = mine[b * mb:(b + 1) * mb]
-                batch = self.collate([self.eval_rows[i] for i in (idx or [0])])
+            for idx, real in rank_batches(len(self.eval_rows), rank=s.rank, world_size=s.world_size,
+                                          micro_batch_size=self.cfg.train.micro_batch_size):
+                batch = self.collate([self.eval_rows[i] for i in idx])
                 nll, tokens = response_nll(self.engine, batch)
-                if idx:
+                if real:
                     kind = batch["unsafe"].long().cpu()
                     values = torch.stack([nll.double().cpu(), tokens.double().cpu(), torch.ones_like(tokens).double().cpu()], 1)
                     sums.index_add_(0, kind, values)
