@@ -61,6 +61,8 @@ def signal_name(signum: int) -> str:
 
 
 def resume_hint(name: str | None) -> str:
+    if name is None:  # a command without runs to resume (train-scorer)
+        return "run the same command again"
     return f"continue it with the same command and run.resume=true run.name={name}"
 
 
@@ -340,12 +342,16 @@ def run_fit(fit: Callable[[], Any], *, root: str) -> Any:
     return box["result"]
 
 
-def raise_if_stopped(summary: dict[str, Any], run_name: str | None) -> None:
+def raise_if_stopped(summary: dict[str, Any], run_name: str | None, *, hint: str | None = None) -> None:
     """After fit(): a run that stopped because the driver was signalled ends the command with
-    128 + signal and the line that says how to continue."""
+    128 + signal and the line that says how to continue (`hint`: that line for a command that
+    keeps no checkpoint)."""
     guard = _active
     if guard is None or guard.signum is None or not summary.get("stopped_early"):
         return
+    if hint is not None:
+        raise Stopped(f"stopped by {signal_name(guard.signum)} after step {summary.get('last_step')}; {hint}",
+                      guard.signum)
     raise Stopped(f"stopped by {signal_name(guard.signum)} after step {summary.get('last_step')} with a "
                   f"checkpoint; {resume_hint(run_name)}", guard.signum)
 
