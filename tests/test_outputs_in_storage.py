@@ -132,7 +132,7 @@ def test_sigterm_stops_train_scorer_with_143(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "60"
     cmd = [sys.executable, "-m", "safedpo_ray.cli", "train-scorer", "--kind", "cost", "--output", str(tmp_path / "sc"),
-           "data.synthetic_prompts=16", "data.synthetic_eval_prompts=4", "train.max_steps=200",
+           "data.synthetic_prompts=16", "data.synthetic_eval_prompts=4", "train.epochs=100", "train.max_steps=200",
            "train.step_delay_s=0.3", "train.log_every=1", *SMALL]
     with log.open("ab") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -154,8 +154,18 @@ def test_sigterm_stops_train_scorer_with_143(tmp_path):
     text = log.read_text()
     assert rc == 143, text[-3000:]
     assert "stopped by SIGTERM after step" in text and "of the cost model" in text, text[-3000:]
+    assert "SIGTERM received: stopping after this step (train-scorer keeps no checkpoints)" in text
     assert "train-scorer keeps no checkpoints: run the same command again" in text
     assert took < 30, took
     summary = json.loads((tmp_path / "sc" / "summary.json").read_text())
-    assert summary["stopped_early"] and summary["models"]["cost"]["last_step"] < 200
+    assert summary["stopped_early"] and summary["models"]["cost"]["last_step"] < summary["models"]["cost"]["steps"] == 200
     assert not (tmp_path / "sc" / "cost").exists()
+
+
+def test_scorer_output_dir_scheme_is_checked():
+    from safedpo_ray.config.evaluation import load_scorer_config
+    from safedpo_ray.config.training import ConfigError
+
+    assert load_scorer_config(None, ["scorer.output_dir=s3://b/scorers?region=us-east-1"]).scorer.output_dir.startswith("s3://")
+    with pytest.raises(ConfigError, match="'scorer.output_dir': unsupported scheme 'ftp://'"):
+        load_scorer_config(None, ["scorer.output_dir=ftp://host/x"])

@@ -319,6 +319,7 @@ def _train_scorer(cfg: ScorerConfig, root: str, out: Path, t0: float) -> dict[st
         base = str(build_tiny_model(out / "backbone", texts, seed=cfg.train.seed))
     ensure_ray(cfg.run)
     preempt.rearm()  # ray.init replaced our SIGTERM/SIGINT handlers (train/preempt.py)
+    preempt.without_checkpoints("train-scorer")  # a signal's message: stopping after this step
     check_cluster_output(cfg, root)
     # an object-store root: config, quarantine and a built backbone uploaded; base is then its URI,
     # which Ray Data's tasks and the workers load on any node
