@@ -215,14 +215,16 @@ def train_one(kind: str, cfg: ScorerConfig, model_path: str, outputs: run_storag
         return {"kind": kind, "steps": total, "last_step": step + 1, "stopped_early": True, "train": metrics}
 
     engine.eval()
-    sums, n = {}, 0
+    sums, n, forwards = {}, 0, torch.zeros(s.world_size, dtype=torch.float64)
     with torch.no_grad():  # the same number of forwards on every rank (ZeRO-3: collective)
         for idx, real in rank_batches(len(eval_rows), rank=s.rank, world_size=s.world_size, micro_batch_size=mb):
             losses, extra = forward([eval_rows[i] for i in idx])
+            forwards[s.rank] += 1
             if real:  # a padding batch's scores are discarded
                 add(sums, losses, extra)
                 n += len(idx)
     held_out = reduce(sums, n)
+    forwards = [int(v) for v in s.all_reduce_sum(forwards).tolist()]  # held-out forwards of each rank, for the summary
     out = outputs.local / kind
     with s.full_parameters() as module:
         if s.is_rank0:
@@ -231,7 +233,8 @@ def train_one(kind: str, cfg: ScorerConfig, model_path: str, outputs: run_storag
             outputs.push(kind)  # an object-store root: uploaded now
     s.barrier()
     model_dir = run_storage.join(outputs.root, kind) if outputs.remote else str(out)
-    return {"kind": kind, "steps": total, "train": metrics, "eval": held_out, "model_dir": model_dir}
+    return {"kind": kind, "steps": total, "train": metrics, "eval": held_out, "model_dir": model_dir,
+            "eval_forwards_per_rank": forwards}
 
 
 def scorer_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
