@@ -1,6 +1,6 @@
 import pytest
 
-from safedpo_ray.train.sampler import PairSampler
+from safedpo_ray.train.sampler import PairSampler, rank_batches
 
 
 def all_indices(n, world, micro, global_bs, step):
@@ -41,3 +41,18 @@ def test_position_is_a_pure_function_of_step():
 def test_too_little_data_is_a_clear_error():
     with pytest.raises(ValueError, match="fewer than one global batch"):
         PairSampler(3, global_batch_size=4, micro_batch_size=2, world_size=2, rank=0, seed=0)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 5, 7, 8, 13])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+@pytest.mark.parametrize("micro_batch_size", [1, 2, 3])
+def test_held_out_batches_equal_per_rank_and_every_row_once(n, world_size, micro_batch_size):
+    """Held-out evaluation under ZeRO-3: every rank runs the same number of forwards (a rank with
+    fewer hangs the others), and every real row is counted exactly once."""
+    per_rank = [list(rank_batches(n, rank=r, world_size=world_size, micro_batch_size=micro_batch_size))
+                for r in range(world_size)]
+    assert len({len(b) for b in per_rank}) == 1, [len(b) for b in per_rank]
+    real = sorted(i for batches in per_rank for idx, is_real in batches if is_real for i in idx)
+    assert real == list(range(n))
+    for batches in per_rank:
+        assert all(idx and len(idx) <= micro_batch_size for idx, _ in batches)  # padding: row 0, a valid index

@@ -27,6 +27,7 @@ from safedpo_ray.config.training import (
     TrainConfig,
     check_config,
 )
+from safedpo_ray.runtime.storage import SCHEMES, scheme_of
 
 ENGINES = ("hf", "vllm")
 SCORER_KINDS = ("cost", "reward", "both")
@@ -287,7 +288,12 @@ class ScorerSection:
     base_model: str = "tiny"
     """Backbone to start from: 'tiny' (random tiny Llama), a Llama hub id or a local directory."""
     output_dir: str = "scorers"
-    """Score models are written to <output_dir>/cost and <output_dir>/reward (safe-rlhf format)."""
+    """The root of every output: <output_dir>/cost and <output_dir>/reward (safe-rlhf format), summary.json,
+    config.yaml, quarantine.jsonl, the tiny preset's backbone/. A local or shared path, or an object-store
+    URI (s3://BUCKET/PREFIX, gs://...; options in the query, as for run.storage_path) that rank 0 uploads to
+    and `evaluate --cost-model <output_dir>/cost` reads. Unlike `train`, no run name is appended: the
+    directory is the run root. On a cluster of several nodes a local path must be one every node mounts.
+    Ray Train's own files go to run.storage_path, else <output_dir>/ray."""
     regularization: float = 0.0
     """Weight of the score² penalty (safe-rlhf's --regularization)."""
     bias: bool = True
@@ -328,6 +334,12 @@ def check_scorer_config(cfg: ScorerConfig) -> None:
         raise ConfigError(f"'scorer.kind' must be one of {', '.join(SCORER_KINDS)}, got '{cfg.scorer.kind}'")
     if cfg.scorer.regularization < 0:
         raise ConfigError(f"'scorer.regularization' must be >= 0, got {cfg.scorer.regularization}")
+    if not cfg.scorer.output_dir.strip():
+        raise ConfigError("'scorer.output_dir' is empty: give a path or URI")
+    scheme = scheme_of(cfg.scorer.output_dir)
+    if scheme and scheme not in SCHEMES:
+        raise ConfigError(f"'scorer.output_dir': unsupported scheme '{scheme}://' (supported: "
+                          f"{', '.join(s + '://' for s in SCHEMES)}, or a filesystem path)")
     check_config(cfg.as_train_config())
 
 

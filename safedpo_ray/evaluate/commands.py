@@ -25,6 +25,7 @@ from typing import Any
 
 from safedpo_ray.config.evaluation import load_eval_config, load_scorer_config
 from safedpo_ray.evaluate.judge import JudgeError
+from safedpo_ray.train.preempt import command_guard
 
 
 def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -100,7 +101,9 @@ def cmd_train_scorer(args: argparse.Namespace) -> int:
     from safedpo_ray.train.scorer import format_scorer_summary, train_scorer  # lazy: imports pandas, torch
 
     cfg = load_train_scorer(args)
-    summary = train_scorer(cfg)
+    # SIGTERM/SIGINT: the workers stop after their step, exit 143/130; nothing we started keeps running
+    with command_guard(cfg.run):
+        summary = train_scorer(cfg)
     print(format_scorer_summary(summary))
     return 0
 

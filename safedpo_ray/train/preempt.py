@@ -61,6 +61,8 @@ def signal_name(signum: int) -> str:
 
 
 def resume_hint(name: str | None) -> str:
+    if name is None:  # a command without runs to resume (train-scorer)
+        return "run the same command again"
     return f"continue it with the same command and run.resume=true run.name={name}"
 
 
@@ -101,6 +103,7 @@ class DriverSignals:
         self.fit_done: threading.Event | None = None  # set when the fit() thread has returned
         self.trained = False  # fit() has returned
         self.waiting_for_pairs: Callable[[], bool] | None = None  # workers started before the pairs
+        self.no_checkpoints: str | None = None  # a command that keeps none (train-scorer): its name
 
     @property
     def run_name(self) -> str | None:
@@ -132,8 +135,10 @@ class DriverSignals:
                 # load their model and see the marker while preparation keeps the CPUs (35 s at 200k rows).
                 raise Interrupted(f"{signal_name(self.signum)} received while the pairs were prepared: stopped, "
                                   f"nothing to save; {resume_hint(self.run_name)}", self.signum)
-            print(f"[safedpo] {signal_name(self.signum)} received: saving a checkpoint after this step, then "
-                  f"stopping (at most {self.stop_timeout_s:g} s; send it again to stop at once)", flush=True)
+            what = (f"stopping after this step ({self.no_checkpoints} keeps no checkpoints)" if self.no_checkpoints
+                    else "saving a checkpoint after this step, then stopping")
+            print(f"[safedpo] {signal_name(self.signum)} received: {what} (at most {self.stop_timeout_s:g} s; "
+                  "send it again to stop at once)", flush=True)
         if time.monotonic() - (self.requested_at or 0) > self.stop_timeout_s:
             raise Interrupted(f"the run did not stop within run.stop_timeout_s={self.stop_timeout_s:g} s of "
                               f"{signal_name(self.signum)}: stopped at once; {resume_hint(self.run_name)} "
@@ -340,14 +345,25 @@ def run_fit(fit: Callable[[], Any], *, root: str) -> Any:
     return box["result"]
 
 
-def raise_if_stopped(summary: dict[str, Any], run_name: str | None) -> None:
+def raise_if_stopped(summary: dict[str, Any], run_name: str | None, *, hint: str | None = None) -> None:
     """After fit(): a run that stopped because the driver was signalled ends the command with
-    128 + signal and the line that says how to continue."""
+    128 + signal and the line that says how to continue (`hint`: that line for a command that
+    keeps no checkpoint)."""
     guard = _active
     if guard is None or guard.signum is None or not summary.get("stopped_early"):
         return
+    if hint is not None:
+        raise Stopped(f"stopped by {signal_name(guard.signum)} after step {summary.get('last_step')}; {hint}",
+                      guard.signum)
     raise Stopped(f"stopped by {signal_name(guard.signum)} after step {summary.get('last_step')} with a "
                   f"checkpoint; {resume_hint(run_name)}", guard.signum)
+
+
+def without_checkpoints(command: str) -> None:
+    """For a command whose workers keep no checkpoints (train-scorer): a signal's message says they
+    stop after their step, not that they save one."""
+    if _active is not None:
+        _active.no_checkpoints = command
 
 
 def waiting_for_pairs(pending: Callable[[], bool]) -> None:

@@ -48,3 +48,18 @@ class PairSampler:
 
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch
+
+
+def rank_batches(n: int, *, rank: int, world_size: int, micro_batch_size: int):
+    """This rank's strided share of `n` held-out rows in micro-batches, as (indices, real).
+
+    Every rank gets the same number of batches, ceil(ceil(n / world_size) / micro_batch_size):
+    under ZeRO-3 a forward is collective (each layer's parameters are gathered from all ranks),
+    so a rank with one batch fewer would leave the others waiting forever. A rank whose share
+    runs out first gets padding batches of row 0, marked not real: run them, discard their
+    results. Every row is in exactly one real batch of one rank."""
+    mine = list(range(rank, n, world_size))
+    per_rank = -(-n // world_size)
+    for b in range(-(-per_rank // micro_batch_size)):
+        idx = mine[b * micro_batch_size : (b + 1) * micro_batch_size]
+        yield (idx, True) if idx else ([0], False)

@@ -16,12 +16,26 @@ Models are written in safe-rlhf's score-model format (LlamaForScore: `model.*` +
 config with score_dim/score_bias/score_type) to <scorer.output_dir>/cost and /reward, which `evaluate
 --cost-model/--reward-model` load with no hub access. Training reuses the project's
 DeepSpeedStrategy (ZeRO 0–3, bf16) and PairSampler, so a 7B scorer trains like a 7B policy.
+
+Outputs: `scorer.output_dir` is the root of every output, a local or shared path or an object-store
+URI (s3://b/scorers?endpoint_override=..., like run.storage_path; runtime/storage.py). The driver
+writes config.yaml, quarantine.jsonl, the tiny preset's backbone/ and summary.json (staged
+locally and uploaded with an object store); rank 0 writes cost/ and reward/ through `RunOutputs`,
+uploading each model when it is saved. On a cluster of several nodes a local output_dir must be
+a path every node mounts (checked as for run.storage_path). Ray Train's own files go to
+run.storage_path, else <output_dir>/ray.
+
+Stopping: SIGTERM/SIGINT on the driver (launch.py's signal handling) is read by the workers after
+each optimizer step (the same stop marker and all-reduce as `train`): they stop, rank 0 uploads the
+score models already finished, and the command exits 128 + signal (143, 130) saying that nothing
+of the interrupted model was kept (train-scorer keeps no checkpoints: run it again).
 """
 
 from __future__ import annotations
 
-import json
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -36,9 +50,11 @@ from safedpo_ray.data.score_inputs import encode_for_score, pad_right
 from safedpo_ray.models.loading import TINY_PRESET, build_tiny_model, load_model, load_tokenizer
 from safedpo_ray.models.resolve import EvalError
 from safedpo_ray.models.score_model import LlamaForScore
+from safedpo_ray.runtime import storage as run_storage
 from safedpo_ray.runtime.ray_env import ensure_ray
+from safedpo_ray.train import preempt
 from safedpo_ray.train.launch import Launch, launch
-from safedpo_ray.train.sampler import PairSampler
+from safedpo_ray.train.sampler import PairSampler, rank_batches
 from safedpo_ray.train.strategy import DeepSpeedStrategy
 
 SCORER_COLUMNS = ["pair_id", "ids_0", "ids_1", "better", "safer", "unsafe_0", "unsafe_1"]
@@ -132,9 +148,11 @@ def _load_rows(shard) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- worker
 
 
-def train_one(kind: str, cfg: ScorerConfig, model_path: str, output_dir: str, tokenizer,
+def train_one(kind: str, cfg: ScorerConfig, model_path: str, outputs: run_storage.RunOutputs, tokenizer,
               train_rows: list[dict[str, Any]], eval_rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Train, evaluate and export one score model on this worker (all workers call it together)."""
+    """Train, evaluate and export one score model on this worker (all workers call it together).
+    The model goes to `outputs` (rank 0 writes, uploaded to an object-store root at once). A stop
+    asked by the driver ends the training early: {"stopped_early": True, "last_step": n}."""
     from safedpo_ray.train.worker import total_steps_for  # lazy: imports pyarrow
 
     tcfg = cfg.as_train_config()
@@ -168,6 +186,7 @@ def train_one(kind: str, cfg: ScorerConfig, model_path: str, output_dir: str, to
         return {k: float(v) / total_n for k, v in zip(keys, flat[:-1])} if total_n else {}
 
     t0, metrics = time.time(), {}
+    stop_check = preempt.StopCheck(outputs.root, s)  # the driver's stop marker, a worker's SIGTERM
     for step in range(total):
         sums: dict[str, float] = {}
         n = 0
@@ -182,21 +201,40 @@ def train_one(kind: str, cfg: ScorerConfig, model_path: str, output_dir: str, to
         if s.is_rank0 and ((step + 1) % cfg.train.log_every == 0 or step + 1 == total):
             print(f"[safedpo] {kind} model step {step + 1}/{total} loss {metrics['loss']:.4f} "
                   f"acc {metrics['accuracy']:.3f} ({time.time() - t0:.0f}s)", flush=True)
+        if cfg.train.step_delay_s:
+            time.sleep(cfg.train.step_delay_s)  # debug: room to signal the run between steps
+        request = stop_check.poll(step + 1, total)  # all ranks, the same answer
+        if request is None or request.kind == "drain":  # nothing to checkpoint: a drained node just goes
+            continue
+        if request.kind == "worker":  # this attempt fails; Ray Train may restart it (from scratch)
+            raise preempt.WorkerStopped(f"a worker process got {request.reason} after step {step + 1} of the "
+                                        f"{kind} model (train-scorer keeps no checkpoints)")
+        if s.is_rank0:
+            print(f"[safedpo] {kind} model: stopped after step {step + 1}/{total} ({request.reason}); "
+                  "not saved", flush=True)
+        return {"kind": kind, "steps": total, "last_step": step + 1, "stopped_early": True, "train": metrics}
 
     engine.eval()
-    mine, sums, n = eval_rows[s.rank::s.world_size], {}, 0
-    with torch.no_grad():
-        for i in range(0, len(mine), mb):
-            add(sums, *forward(mine[i:i + mb]))
-            n += len(mine[i:i + mb])
+    sums, n, forwards = {}, 0, torch.zeros(s.world_size, dtype=torch.float64)
+    with torch.no_grad():  # the same number of forwards on every rank (ZeRO-3: collective)
+        for idx, real in rank_batches(len(eval_rows), rank=s.rank, world_size=s.world_size, micro_batch_size=mb):
+            losses, extra = forward([eval_rows[i] for i in idx])
+            forwards[s.rank] += 1
+            if real:  # a padding batch's scores are discarded
+                add(sums, losses, extra)
+                n += len(idx)
     held_out = reduce(sums, n)
-    out = Path(output_dir) / kind
+    forwards = [int(v) for v in s.all_reduce_sum(forwards).tolist()]  # held-out forwards of each rank, for the summary
+    out = outputs.local / kind
     with s.full_parameters() as module:
         if s.is_rank0:
             module.save_pretrained(out, safe_serialization=True)
             tokenizer.save_pretrained(out)
+            outputs.push(kind)  # an object-store root: uploaded now
     s.barrier()
-    return {"kind": kind, "steps": total, "train": metrics, "eval": held_out, "model_dir": str(out)}
+    model_dir = run_storage.join(outputs.root, kind) if outputs.remote else str(out)
+    return {"kind": kind, "steps": total, "train": metrics, "eval": held_out, "model_dir": model_dir,
+            "eval_forwards_per_rank": forwards}
 
 
 def scorer_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
@@ -212,25 +250,63 @@ def scorer_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     tokenizer = load_tokenizer(loop_config["model_path"])
     train_rows = _load_rows(ray.train.get_dataset_shard("train"))
     eval_rows = _load_rows(ray.train.get_dataset_shard("eval"))
+    # Rank 0 writes the models here: the output root, or a node-local staging dir uploaded to it.
+    outputs = run_storage.RunOutputs(loop_config["output_dir"], name="scorers")
     results = {}
-    for kind in loop_config["kinds"]:
-        results[kind] = train_one(kind, cfg, loop_config["model_path"], loop_config["output_dir"], tokenizer,
-                                  train_rows, eval_rows)
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    try:
+        for kind in loop_config["kinds"]:
+            results[kind] = train_one(kind, cfg, loop_config["model_path"], outputs, tokenizer, train_rows, eval_rows)
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if results[kind].get("stopped_early"):
+                break
+    finally:
+        outputs.finish()  # rank 0's saved models reach the root, also when a later one failed (others: no-op)
     return results
 
 
 # --------------------------------------------------------------------------- driver
 
 
+def output_root(output_dir: str) -> str:
+    """scorer.output_dir as the root of every output: a URI as given, a local path made absolute."""
+    return output_dir if run_storage.is_uri(output_dir) else str(Path(output_dir).expanduser().resolve())
+
+
+def check_cluster_output(cfg: ScorerConfig, root: str) -> None:
+    """On a cluster of several nodes, rank 0 (any node) writes the models: the root must be an
+    object store or a path every node mounts (storage.check_cluster_storage, for this key)."""
+    from types import SimpleNamespace
+
+    try:
+        run_storage.check_cluster_storage(SimpleNamespace(storage_path=root, output_dir=root))
+    except run_storage.StorageError as exc:
+        raise run_storage.StorageError(str(exc).replace("run.storage_path", "scorer.output_dir")) from None
+
+
 def train_scorer(cfg: ScorerConfig) -> dict[str, Any]:
     """Train the configured score model(s); returns the summary (also <output_dir>/summary.json)."""
+    t0 = time.time()
+    root = output_root(cfg.scorer.output_dir)
+    remote = run_storage.is_remote(root)
+    # What the driver writes: in place, or staged here and uploaded to an object-store root.
+    if remote:
+        staging = Path(os.environ.get("SAFEDPO_STAGING_DIR") or tempfile.gettempdir())
+        staging.mkdir(parents=True, exist_ok=True)
+        out = Path(tempfile.mkdtemp(prefix="safedpo-scorer-", dir=staging))
+    else:
+        out = Path(run_storage.resolve(root)[1])
+    try:
+        return _train_scorer(cfg, root, out, t0)
+    finally:
+        if remote:
+            shutil.rmtree(out, ignore_errors=True)
+
+
+def _train_scorer(cfg: ScorerConfig, root: str, out: Path, t0: float) -> dict[str, Any]:
     from safedpo_ray.data.pipeline import read_splits, validate_rows, write_quarantine  # lazy: imports pyarrow
 
-    t0 = time.time()
-    out = Path(cfg.scorer.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_yaml(cfg))
     train_raw, eval_raw = read_splits(cfg.data, seed=cfg.train.seed)
@@ -245,20 +321,34 @@ def train_scorer(cfg: ScorerConfig) -> dict[str, Any]:
         texts = [r[k] for r in train_v.rows for k in ("prompt", "response_0", "response_1")]
         base = str(build_tiny_model(out / "backbone", texts, seed=cfg.train.seed))
     ensure_ray(cfg.run)
+    preempt.rearm()  # ray.init replaced our SIGTERM/SIGINT handlers (train/preempt.py)
+    preempt.without_checkpoints("train-scorer")  # a signal's message: stopping after this step
+    check_cluster_output(cfg, root)
+    # an object-store root: config, quarantine and a built backbone uploaded; base is then its URI,
+    # which Ray Data's tasks and the workers load on any node
+    base = run_storage.publish_driver_files(root, out, base)
     datasets = {"train": tokenize_rows(train_v.rows, base, cfg.data.max_length, cfg.data.tokenize_batch_size)}
     datasets["eval"] = (tokenize_rows(eval_v.rows, base, cfg.data.max_length, cfg.data.tokenize_batch_size)
                         if eval_v.rows else datasets["train"].limit(0).materialize())
     kinds = ["cost", "reward"] if cfg.scorer.kind == "both" else [cfg.scorer.kind]
-    summary: dict[str, Any] = {"output_dir": str(out), "base_model": base, "train_pairs": len(train_v.rows),
+    summary: dict[str, Any] = {"output_dir": root, "base_model": base, "train_pairs": len(train_v.rows),
                                "eval_pairs": len(eval_v.rows)}
+    default_storage = run_storage.join(root, "ray") if run_storage.is_remote(root) else str(out / "ray")
     # every worker reads every pair and the PairSampler picks its share (fixed order)
     result = launch(Launch(
-        scorer_loop, {"config": cfg.to_dict(), "kinds": kinds, "model_path": base, "output_dir": str(out)},
+        scorer_loop, {"config": cfg.to_dict(), "kinds": kinds, "model_path": base, "output_dir": root},
         cfg, name=f"scorer-{'-'.join(kinds)}-{time.strftime('%Y%m%d-%H%M%S')}",
-        storage_path=cfg.run.storage_path or str(out / "ray"), root=str(out), datasets=datasets))
-    summary["models"] = result.return_value
+        storage_path=cfg.run.storage_path or default_storage, root=root, datasets=datasets))
+    summary["models"] = result.return_value or {}
     summary["wall_time_s"] = round(time.time() - t0, 1)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    stopped = [m for m in summary["models"].values() if m.get("stopped_early")]
+    if stopped:
+        summary.update(stopped_early=True, last_step=f"{stopped[0]['last_step']} of the {stopped[0]['kind']} model")
+    run_storage.save_json(root, out, "summary.json", summary)
+    done = [k for k, m in summary["models"].items() if not m.get("stopped_early")]
+    preempt.raise_if_stopped(summary, None, hint=(
+        f"{', '.join(done) + ' model kept, ' if done else ''}train-scorer keeps no checkpoints: "
+        "run the same command again"))
     return summary
 
 
@@ -270,5 +360,5 @@ def format_scorer_summary(summary: dict[str, Any]) -> str:
         acc = f"held-out accuracy {ev['accuracy']:.3f}{extra}" if "accuracy" in ev else "no held-out pairs"
         lines.append(f"  {kind:<7} {m['model_dir']}  ({m['steps']} steps; {acc})")
     lines.append(f"{summary['train_pairs']} training pairs, {summary['eval_pairs']} held-out; "
-                 f"{summary['wall_time_s']} s; summary: {summary['output_dir']}/summary.json")
+                 f"{summary['wall_time_s']} s; summary: {run_storage.join(summary['output_dir'], 'summary.json')}")
     return "\n".join(lines)

@@ -11,11 +11,18 @@ MLflow) and run layout as `safedpo-ray train`. Trains on the safe responses of p
 (`sft.responses`: helpful_safe | all_safe) or on every row of a prompt/response file; the loss
 covers response tokens only. `<run>/model` is a full Hugging Face model: pass it as
 `model.name_or_path` to `safedpo-ray train` (see safedpo_ray/configs/chain-*.yaml).
+
+Every output lands under the run root exactly as `train`'s do (runtime/storage.py):
+`<run.output_dir>/<name>`, or `<run.storage_path>/<name>` on a shared path or an object store
+(s3://, gs://...). The driver writes config.yaml, quarantine.jsonl, data_stats.json, the tiny
+preset's init-model/ and summary.json; rank 0 writes metrics.jsonl, tensorboard/, model/
+(adapter/) and train_result.json through `RunOutputs` (staged and uploaded with an object store);
+Ray Train writes the checkpoints. With an object store, summary.json's model_dir is the model's
+URI, which `safedpo-ray train model.name_or_path=<URI>` loads (fetched once per node).
 """
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +32,7 @@ from safedpo_ray.config.training import Config, dump_config
 from safedpo_ray.data.pipeline import DataError, read_splits, validate_rows, write_quarantine
 from safedpo_ray.data.schema import SchemaError
 from safedpo_ray.data.sft import PLAIN, SFT_COLUMNS, examples_dataset, format_sft_stats, sft_schema, validate_plain_rows
+from safedpo_ray.runtime import storage as run_storage
 from safedpo_ray.runtime.ray_env import ensure_ray
 from safedpo_ray.train import preempt
 from safedpo_ray.train.launch import Launch, launch
@@ -48,8 +56,12 @@ class Prepared:
     model_path: str
 
 
-def prepare_sft(cfg: Config, run_dir: Path) -> Prepared:
-    """Read and validate both splits, pick responses and tokenize (Ray Data); resolve the model."""
+def prepare_sft(cfg: Config, run_dir: Path, root: str | None = None) -> Prepared:
+    """Read and validate both splits, pick responses and tokenize (Ray Data); resolve the model.
+    `root`: the run root (default `run_dir`); with an object store, what the driver wrote so far
+    (config, quarantine, a tiny model it built) is uploaded there first, and the model path is
+    its URI, so Ray Data's tasks and the workers on any node load the same model."""
+    root = root or str(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     train_rows, eval_rows = read_splits(cfg.data, seed=cfg.train.seed)
     validated = {}
@@ -68,6 +80,7 @@ def prepare_sft(cfg: Config, run_dir: Path) -> Prepared:
     # The tiny preset's tokenizer learns every text of the data (unsafe responses too), as the
     # preference stage's would: the SFT model's vocabulary then suits the SafeDPO stage.
     model_path = resolve_model(cfg, run_dir, [r[k] for r in train.rows for k in text_keys])
+    model_path = run_storage.publish_driver_files(root, run_dir, model_path)
     ensure_ray(cfg.run)
     datasets, stats = {}, {}
     for split, held_out in (("train", False), ("eval", True)):
@@ -83,37 +96,41 @@ def prepare_sft(cfg: Config, run_dir: Path) -> Prepared:
                         "rows_quarantined": len(v.quarantined), **s}
     if "train" not in datasets:
         raise DataError("no valid training rows for SFT")
-    (run_dir / "data_stats.json").write_text(json.dumps(stats, indent=2))
+    run_storage.save_json(root, run_dir, "data_stats.json", stats)
     return Prepared(datasets=datasets, stats=stats, model_path=model_path)
 
 
 def sft(cfg: Config) -> dict[str, Any]:
-    """Run supervised fine-tuning as configured; returns the summary (also <run>/summary.json)."""
+    """Run supervised fine-tuning as configured; returns the summary (also <run root>/summary.json)."""
     from safedpo_ray.train.sft_worker import sft_loop  # lazy: imports torch
 
     if not cfg.run.name:
         cfg.run.name = time.strftime("sft-%Y%m%d-%H%M%S")
     run_dir = run_dir_for(cfg)
     storage = cfg.run.storage_path or str(run_dir / "ray")
-    _check_run_dir(cfg, run_dir, Path(storage))
+    _check_run_dir(cfg, run_dir, storage)  # a URI stays a string (Path() makes s3://b/x s3:/b/x)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     t0 = time.time()
     ensure_ray(cfg.run)
     preempt.rearm()  # ray.init replaced our SIGTERM/SIGINT handlers
     _check_resources(cfg)
-    prepared = prepare_sft(cfg, run_dir)
+    run_storage.check_cluster_storage(cfg.run)  # several nodes: outputs need shared storage
+    root = run_storage.run_root(cfg.run, cfg.run.name)
+    prepared = prepare_sft(cfg, run_dir, root)
     for ds in prepared.datasets.values():
         ds.context.enable_progress_bars = False
     result = launch(Launch(
         sft_loop,
         {"config": cfg.to_dict(), "model_path": prepared.model_path, "run_dir": str(run_dir),
+         "storage_root": root,  # where rank 0's outputs go
          "has_eval": "eval" in prepared.datasets},
-        cfg, name=cfg.run.name, storage_path=storage, root=str(run_dir), keep_checkpoints=cfg.train.keep_checkpoints,
+        cfg, name=cfg.run.name, storage_path=storage, root=root, keep_checkpoints=cfg.train.keep_checkpoints,
         datasets={k: v.select_columns(SFT_COLUMNS) for k, v in prepared.datasets.items()}))
-    summary = {"run_dir": str(run_dir), "stage": "sft", "data": prepared.stats, **(result.return_value or {}),
-               "wall_time_s": round(time.time() - t0, 1)}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    # Rank 0's result as written to the run storage (it may have run on another node).
+    summary = {"run_dir": root, "stage": "sft", "data": prepared.stats,
+               **run_storage.collect_result(root, result.return_value), "wall_time_s": round(time.time() - t0, 1)}
+    run_storage.save_json(root, run_dir, "summary.json", summary)
     preempt.raise_if_stopped(summary, cfg.run.name)
     return summary
 

@@ -2,8 +2,10 @@
 
 Same pieces as the preference worker (train/worker.py): DeepSpeedStrategy for everything DeepSpeed,
 models.py for loading/LoRA/export, PairSampler for the (seed, step) → examples order that makes
-resume exact, MetricsLog for metrics, checkpoints through ray.train.report. Receives
-{"config": Config.to_dict(), "model_path", "run_dir", "has_eval"}; datasets "train"/"eval".
+resume exact, MetricsLog for metrics, checkpoints through ray.train.report, RunOutputs for where
+rank 0 writes (the run root, or a node-local staging directory uploaded to an object-store root).
+Receives {"config": Config.to_dict(), "model_path", "run_dir", "storage_root", "has_eval"};
+datasets "train"/"eval".
 
 The loss of a step is the mean negative log-likelihood over every response token of the global
 batch (all ranks and accumulation steps), not a mean of per-micro-batch means, so the numbers do
@@ -29,9 +31,10 @@ from safedpo_ray.core.logprobs import sequence_logps
 from safedpo_ray.data.sft import collate_examples
 from safedpo_ray.models.loading import apply_lora_config, export_model, is_peft_model, load_model, load_tokenizer
 from safedpo_ray.models.precision import weights_dtype
+from safedpo_ray.runtime.storage import RunOutputs
 from safedpo_ray.train import preempt
 from safedpo_ray.train.metrics_log import MetricsLog
-from safedpo_ray.train.sampler import PairSampler
+from safedpo_ray.train.sampler import PairSampler, rank_batches
 from safedpo_ray.train.strategy import DeepSpeedStrategy
 from safedpo_ray.train.worker import restore_checkpoint
 
@@ -74,7 +77,9 @@ class SftWorker:
         import ray.train
 
         self.cfg = cfg = config_from_dict(loop_config["config"])
-        self.run_dir = Path(loop_config["run_dir"])
+        # Rank 0 writes the run's outputs here: the run root, or a node-local staging dir uploaded to it.
+        self.outputs = RunOutputs(loop_config.get("storage_root") or loop_config["run_dir"], name=cfg.run.name)
+        self.run_dir = self.outputs.local
         self.strategy = s = DeepSpeedStrategy(cfg, on_gpu=cfg.run.use_gpu)
         s.setup_distributed()
         torch.manual_seed(cfg.train.seed)
@@ -96,18 +101,15 @@ class SftWorker:
     def evaluate(self) -> dict[str, float]:
         """Mean response-token NLL of the held-out safe and unsafe responses, all ranks together.
         Every rank runs the same number of forwards (ZeRO-3 forwards are collective)."""
-        s, mb = self.strategy, self.cfg.train.micro_batch_size
+        s = self.strategy
         sums = torch.zeros(2, 3, dtype=torch.float64)  # [safe, unsafe] × [nll, tokens, sequences]
-        mine = list(range(s.rank, len(self.eval_rows), s.world_size))
-        per_rank = -(-len(self.eval_rows) // s.world_size)
-        batches = -(-per_rank // mb)
         self.engine.eval()
         with torch.no_grad():
-            for b in range(batches):
-                idx = mine[b * mb:(b + 1) * mb]
-                batch = self.collate([self.eval_rows[i] for i in (idx or [0])])
+            for idx, real in rank_batches(len(self.eval_rows), rank=s.rank, world_size=s.world_size,
+                                          micro_batch_size=self.cfg.train.micro_batch_size):
+                batch = self.collate([self.eval_rows[i] for i in idx])
                 nll, tokens = response_nll(self.engine, batch)
-                if idx:
+                if real:
                     kind = batch["unsafe"].long().cpu()
                     values = torch.stack([nll.double().cpu(), tokens.double().cpu(), torch.ones_like(tokens).double().cpu()], 1)
                     sums.index_add_(0, kind, values)
@@ -148,6 +150,8 @@ class SftWorker:
     def checkpoint(self, step: int, metrics: dict[str, Any], state: dict[str, Any]) -> None:
         import ray.train
 
+        if self.strategy.is_rank0:
+            self.outputs.mark(step)  # log sizes at this checkpoint; uploaded with the logs
         with tempfile.TemporaryDirectory() as tmp:
             self.strategy.save(tmp, {**state, "step": step})
             ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
@@ -171,6 +175,7 @@ class SftWorker:
         state, start = restore_checkpoint(s)
         log = None
         if s.is_rank0:
+            self.outputs.restore(start)  # logs cut back to this checkpoint: no step is logged twice
             log = MetricsLog(self.run_dir, total_steps=self.total_steps, tensorboard=cfg.run.tensorboard,
                              mlflow_tracking_uri=cfg.run.mlflow_tracking_uri, run_name=self.run_dir.name)
             print(f"[sft] {len(self.train_rows)} train examples, {len(self.eval_rows)} held-out examples, "
@@ -181,7 +186,7 @@ class SftWorker:
             if log:
                 log.log(0, {"eval/" + k: v for k, v in state["eval_before"].items()})
         stop = min(self.total_steps, cfg.train.stop_at_step or self.total_steps)
-        stop_check = preempt.StopCheck(str(self.run_dir), s)  # signals (train/preempt.py)
+        stop_check = preempt.StopCheck(self.outputs.root, s)  # signals (train/preempt.py); the driver's marker is in the root
         started = time.time()
         for step in range(start, stop):
             metrics = self.train_step(step)
@@ -214,6 +219,7 @@ class SftWorker:
         if log:
             log.close()
             (self.run_dir / "train_result.json").write_text(json.dumps(result, indent=2))
+            self.outputs.finish()  # an object-store root gets everything rank 0 wrote
         return result
 
 

@@ -43,7 +43,7 @@ from safedpo_ray.models.precision import weights_dtype
 from safedpo_ray.runtime.storage import RunOutputs, current_node_id
 from safedpo_ray.train import checkpoints, handoff, preempt
 from safedpo_ray.train.metrics_log import MetricsLog
-from safedpo_ray.train.sampler import PairSampler
+from safedpo_ray.train.sampler import PairSampler, rank_batches
 from safedpo_ray.train.strategy import DeepSpeedStrategy
 
 
@@ -144,15 +144,10 @@ class Worker:
         return {k: v.to(self.strategy.device) for k, v in batch.items()}
 
     def rank_batches(self, n: int):
-        """This rank's strided share of `rows` in micro-batches, as (indices, real). Every rank
-        gets the same number of batches (ZeRO-3 forwards are collective: a rank with a batch
-        fewer would hang the others); padding batches repeat row 0 and are marked not real."""
-        s, mb = self.strategy, self.cfg.train.micro_batch_size
-        mine = list(range(s.rank, n, s.world_size))
-        per_rank = -(-n // s.world_size)
-        for b in range(-(-per_rank // mb)):
-            idx = mine[b * mb : (b + 1) * mb]
-            yield (idx, True) if idx else ([0], False)
+        """This rank's share of `n` held-out rows, the same number of batches on every rank
+        (sampler.rank_batches: ZeRO-3 forwards are collective)."""
+        s = self.strategy
+        return rank_batches(n, rank=s.rank, world_size=s.world_size, micro_batch_size=self.cfg.train.micro_batch_size)
 
     def evaluate(self) -> dict[str, float]:
         """Implicit-reward metrics on the held-out pairs (ties count half), all ranks together."""
