@@ -82,6 +82,21 @@ def join(base: str | os.PathLike, *parts: str) -> str:
     return urlunsplit((s.scheme, s.netloc, path, s.query, s.fragment))
 
 
+def basename(path: str | os.PathLike) -> str:
+    """The last part of a local path or a URI's path (its query left out)."""
+    text = str(path)
+    return (urlsplit(text).path if is_uri(text) else text).rstrip("/").rsplit("/", 1)[-1]
+
+
+def parent(path: str | os.PathLike) -> str:
+    """The parent of a local path or a URI (a URI's query stays at the end)."""
+    text = str(path)
+    if not is_uri(text):
+        return str(Path(text).parent)
+    s = urlsplit(text)
+    return urlunsplit((s.scheme, s.netloc, s.path.rstrip("/").rsplit("/", 1)[0], s.query, s.fragment))
+
+
 def redact(uri: str) -> str:
     """A URI with secret query values hidden (for messages and logs)."""
     if not is_uri(uri):
