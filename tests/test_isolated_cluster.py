@@ -146,3 +146,62 @@ def test_train_then_evaluate_on_nodes_that_share_no_disk(isolated, capsys):
     assert {"model", "init-model"} <= fetched, fetched  # the actors fetched the run on their own nodes
     total = time.time() - started
     print(f"isolated cluster: train job {train_s:.0f} s, evaluate job {eval_s:.0f} s, total {total:.0f} s")
+
+
+PROBE = '''
+import json, os, sys
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+ray.init()
+
+@ray.remote(num_cpus=1)
+def look(paths):
+    return {"node": ray.get_runtime_context().get_node_id(), "home": os.environ["HOME"],
+            "listings": {p: sorted(os.listdir(p)) if os.path.isdir(p) else None for p in paths}}
+
+paths = sys.argv[1:]
+nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]
+print("PROBE " + json.dumps(ray.get([look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False))
+                                     .remote(paths) for n in nodes])))
+'''
+
+
+def test_worker_nodes_see_none_of_the_heads_files_and_can_be_replaced(isolated, tmp_path, capsys):
+    """The cluster itself: the head has no CPUs; on each worker node the head's directory and the
+    test's directories are empty and HOME is the node's own; a worker node killed and another added
+    leave the cluster with two worker nodes again."""
+    from ray.util.state import list_nodes
+
+    cluster, _, _ = isolated
+    (tmp_path / "probe.py").write_text(PROBE)
+    (tmp_path / "marker").write_text("on the test's disk")
+    assert any(cluster.head_dir.iterdir())
+    from safedpo_ray.cli.jobs import connect
+
+    jobs = connect(cluster.dashboard)
+    job_id = jobs.submit_job(entrypoint=f"python probe.py {cluster.head_dir} {tmp_path}",
+                             runtime_env={"working_dir": str(tmp_path)})
+    deadline = time.time() + 300
+    while str(jobs.get_job_status(job_id)) not in ("SUCCEEDED", "FAILED", "STOPPED") and time.time() < deadline:
+        time.sleep(1)
+    logs = jobs.get_job_logs(job_id)
+    assert str(jobs.get_job_status(job_id)) == "SUCCEEDED", logs[-3000:]
+    seen = json.loads(next(line for line in logs.splitlines() if line.startswith("PROBE "))[6:])
+    assert sorted(s["node"] for s in seen) == sorted(cluster.worker_ids())  # the head offers no CPU
+    for s in seen:
+        assert s["listings"][str(cluster.head_dir)] == [], s  # an empty tmpfs over it
+        assert s["listings"][str(tmp_path)] in (None, []), s  # under the hidden pytest base: not there
+        assert s["home"].startswith(str(cluster.base)) and not s["home"].startswith(str(cluster.head_dir))
+
+    def alive() -> set[str]:
+        return {n.node_id for n in list_nodes(address=cluster.dashboard, raise_on_missing_output=False)
+                if str(n.state) == "ALIVE"}
+
+    lost = cluster.remove()
+    deadline = time.time() + 120
+    while lost in alive() and time.time() < deadline:
+        time.sleep(1)
+    assert lost not in alive()
+    added = cluster.add()
+    assert alive() == {cluster.head.node_id, *cluster.worker_ids()} and added in alive() and len(cluster.workers) == 2
