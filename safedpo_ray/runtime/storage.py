@@ -248,19 +248,6 @@ def localize(path: str | os.PathLike, parts: tuple[str, ...] | None = None) -> s
     return str(target)
 
 
-RUN_PARTS = ("model", "init-model", "config.yaml", "summary.json")  # what evaluating a run needs
-
-
-def localize_run(path: str) -> str:
-    """`evaluate --model s3://.../RUN` (or .../RUN/model): a local copy of what evaluation reads
-    (the model, the reference init-model, config.yaml), without checkpoints; others unchanged."""
-    if not is_remote(path):
-        return path
-    if exists(join(path, "model")):
-        return localize(path, parts=RUN_PARTS)
-    return localize(path)
-
-
 @contextlib.contextmanager
 def staged_output_dir(output):
     """An object-store `output.dir` (evaluation results): work in a local staging directory, with
