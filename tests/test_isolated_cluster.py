@@ -111,6 +111,8 @@ def test_train_then_evaluate_on_nodes_that_share_no_disk(isolated, capsys):
     # What train's driver left on the head's disk (its staging copy of the run dir, under the
     # job's working dir) is removed: evaluate must find everything in S3.
     staged = [p for p in cluster.head_dir.rglob("iso") if p.is_dir()]
+    with capsys.disabled():  # submit() below empties capsys
+        print("train's run dir on the head (removed):", [str(p.relative_to(cluster.head_dir)) for p in staged])
     for p in staged:
         shutil.rmtree(p)
     weights_before = [p for p in files_under(cluster.head_dir) if p.suffix == ".safetensors"]
@@ -145,6 +147,7 @@ def test_train_then_evaluate_on_nodes_that_share_no_disk(isolated, capsys):
     fetched = {p.name for w in cluster.workers for p in (w.root / "home" / ".cache" / "safedpo-ray" / "storage").glob("*/*")}
     assert {"model", "init-model"} <= fetched, fetched  # the actors fetched the run on their own nodes
     total = time.time() - started
+    print("fetched on the worker nodes:", sorted(fetched))
     print(f"isolated cluster: train job {train_s:.0f} s, evaluate job {eval_s:.0f} s, total {total:.0f} s")
 
 
