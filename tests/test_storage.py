@@ -218,8 +218,45 @@ def test_evaluate_a_run_in_the_store_into_the_store(ray_local, s3, tmp_path, mon
     results = json.loads(storage.read_text(storage.join(out, "e1", "results.json")))
     (label,) = results["models"]
     assert results["models"][label]["implicit"]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)  # policy == reference
-    local = list((tmp_path / "cache").glob("*/r1"))
-    assert local and not list(local[0].glob("checkpoint_*")) and (local[0] / "init-model").is_dir()
+    # the driver (this process) fetched nothing: the implicit-metrics task got the model and its
+    # reference as URIs and fetched them into its own node's cache
+    assert not (tmp_path / "cache").exists()
+    assert results["models"][label]["model"]["path"] == storage.join(s3.uri("eval-src"), "r1", "model")
+
+
+def test_resolve_a_run_in_the_store_without_downloading(s3, tmp_path, monkeypatch):
+    """A run, its model/ and a LoRA run in the store resolve to URIs (read: listings, config.yaml,
+    adapter_config.json); no weights reach this process's disk: the actors fetch them on their nodes."""
+    from safedpo_ray.models.resolve import EvalError, resolve_model, tokenizer_source
+
+    monkeypatch.setenv("SAFEDPO_STORAGE_CACHE", str(tmp_path / "cache"))
+    base = s3.uri(f"resolve-{os.getpid()}")
+    for part in ("run1/model", "run1/init-model", "run2/model"):
+        storage.write_text(storage.join(base, part, "config.json"), "{}")
+        storage.write_text(storage.join(base, part, "model.safetensors"), "weights")
+    storage.write_text(storage.join(base, "run2", "config.yaml"), "model:\n  name_or_path: org/base-7b\n")
+    run = storage.join(base, "run1")
+    spec = resolve_model(run)
+    assert (spec.label, spec.path, spec.reference, spec.run_dir) == (
+        "run1", storage.join(run, "model"), storage.join(run, "init-model"), run)
+    assert resolve_model(storage.join(run, "model")).reference == storage.join(run, "init-model")
+    assert resolve_model(storage.join(run, "init-model")).reference is None  # a plain model dir
+    assert resolve_model(storage.join(base, "run2")).reference == "org/base-7b"
+
+    lora = storage.join(base, "lora-run")
+    storage.write_text(storage.join(lora, "init-model", "config.json"), "{}")
+    storage.write_text(storage.join(lora, "model", "adapter", "adapter_config.json"),
+                       json.dumps({"base_model_name_or_path": "/training/node/path/init-model"}))
+    storage.write_text(storage.join(lora, "model", "adapter", "tokenizer_config.json"), "{}")
+    spec = resolve_model(lora, label="lora")
+    assert spec.adapter == storage.join(lora, "model", "adapter") and spec.path == storage.join(lora, "init-model")
+    assert spec.reference is None and tokenizer_source(spec) == spec.adapter
+    storage.write_text(storage.join(base, "not-a-model", "notes.txt"), "x")
+    with pytest.raises(EvalError, match="no config.json"):
+        resolve_model(storage.join(base, "not-a-model"))
+    with pytest.raises(EvalError, match="nothing at"):
+        resolve_model(storage.join(base, "nothing-here"))
+    assert not (tmp_path / "cache").exists()  # nothing was downloaded
 
 
 def test_file_uri_is_a_local_root(tmp_path):

@@ -26,6 +26,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from safedpo_ray.runtime import storage
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 FINGERPRINT_FILES = ("config.json", "adapter_config.json", "generation_config.json", "tokenizer.json",
                      "tokenizer_config.json")
@@ -40,11 +42,25 @@ def fingerprint(path: str | None) -> Any:
     files; anything else (a hub id, None): the string itself."""
     if not path:
         return None
+    if storage.is_remote(path):  # a model in an object store: its listing, read without downloading
+        return _remote_fingerprint(str(path))
     p = Path(path)
     if not p.is_dir():
         return str(path)
     files = sorted(f for f in p.iterdir() if f.is_file() and (f.suffix in WEIGHT_SUFFIXES or f.name in FINGERPRINT_FILES))
     return {"path": str(p.resolve()), "files": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]}
+
+
+def _remote_fingerprint(uri: str) -> Any:
+    import pyarrow.fs as pafs  # lazy: pyarrow
+
+    fs, p = storage.resolve(uri)
+    if fs.get_file_info(p).type != pafs.FileType.Directory:
+        return uri
+    infos = fs.get_file_info(pafs.FileSelector(p, recursive=False))
+    files = sorted((Path(i.path).name, i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File and (
+        Path(i.path).suffix in WEIGHT_SUFFIXES or Path(i.path).name in FINGERPRINT_FILES))
+    return {"path": storage.redact(uri), "files": files}
 
 
 def generation_key(spec: Any, gen: Any, *, max_prompt_length: int, dtype: str) -> str:

@@ -45,7 +45,8 @@ from safedpo_ray.evaluate.scorers import score_with_ray
 from safedpo_ray.evaluate.xstest import read_xstest, xstest_metrics
 from safedpo_ray.models.resolve import EvalError, has_reference, resolve_model, resolve_models
 from safedpo_ray.runtime.ray_env import RayRequest, ensure_ray
-from safedpo_ray.runtime.storage import staged_output_dir
+from safedpo_ray.runtime.storage import exists as storage_exists
+from safedpo_ray.runtime.storage import is_remote, join, redact, staged_output_dir
 
 NAN = math.nan
 
@@ -106,9 +107,14 @@ class Evaluation:
         s = cfg.scoring
         for key in ("cost_model", "reward_model"):  # checked before any work; absolute for remote actors
             value = getattr(s, key)
+            if value and is_remote(value):  # each scoring actor fetches it on its own node
+                if not storage_exists(join(value, "config.json")):
+                    raise EvalError(f"scoring.{key} '{redact(value)}': no config.json there (expected a score "
+                                    "model's directory, e.g. a train-scorer output)")
+                continue
             if value and not Path(value).exists():
-                raise EvalError(f"scoring.{key} '{value}' is not a local directory (score models are never "
-                                "downloaded at run time: fetch them first, or train them with train-scorer)")
+                raise EvalError(f"scoring.{key} '{value}' is not a local directory or a storage URI (hub ids are "
+                                "never downloaded at run time: fetch them first, or train them with train-scorer)")
             if value:
                 setattr(s, key, str(Path(value).resolve()))
         j = cfg.judge

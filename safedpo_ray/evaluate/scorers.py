@@ -37,6 +37,7 @@ from safedpo_ray.models.score_model import (
     is_score_model,
     load_score_model,
 )
+from safedpo_ray.runtime import storage
 from safedpo_ray.runtime.safe_loading import explain_refused_pickle, weights_kwargs
 
 __all__ = ["LlamaForScore", "ScoreModelError", "Scorer", "ScoreActor", "score_with_ray", "encode_for_score",
@@ -48,8 +49,10 @@ class Scorer:
     def __init__(self, path: str, *, dtype: str = "float32", device: str | torch.device = "cpu",
                  max_length: int = 1024, trust_remote_code: bool = False):
         self.path, self.max_length = str(path), max_length
+        path = storage.localize(path)  # a storage URI: fetched once into this node's cache (not the driver's)
         if not Path(path).exists():
-            raise EvalError(f"score model {path} does not exist (download it first; nothing is fetched at run time)")
+            raise EvalError(f"score model {path} does not exist (a local dir or a storage URI; hub ids are "
+                            "not fetched at run time)")
         self.tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
         self.safe_rlhf = is_score_model(path)
         # safe-rlhf models always read the PKU conversation; others their chat template if any

@@ -30,6 +30,7 @@ from safedpo_ray.evaluate.decoding import (
 )
 from safedpo_ray.models.loading import load_tokenizer
 from safedpo_ray.models.resolve import EvalError, ModelSpec, tokenizer_source
+from safedpo_ray.runtime import storage
 
 __all__ = ["require_vllm", "vllm_sampling_params", "vllm_processor_kwargs", "vllm_generate"]
 
@@ -80,6 +81,21 @@ def _model_path(spec: ModelSpec) -> str:
     return spec.path
 
 
+def _local_model_source(spec: ModelSpec, uri: str) -> str:
+    """vLLM's engine actors open `model_source` as a path of their own node and cannot fetch a
+    storage URI with its options (endpoint, region); Ray Data LLM gives us no hook to fetch it
+    per node. On a one-node Ray the driver's copy is the engine's copy; on several nodes it is
+    refused with what to do instead."""
+    nodes = storage.alive_nodes()
+    if len(nodes) > 1:
+        raise EvalError(
+            f"model '{spec.label}': generation.engine=vllm cannot read '{storage.redact(uri)}' on a "
+            f"{len(nodes)}-node cluster (vLLM opens model_source as a path on each GPU node, and a path on "
+            "this driver's disk is not on theirs): give a hub id or a directory every node mounts, "
+            "or use generation.engine=hf, whose actors fetch the URI on their own nodes")
+    return storage.localize(uri)
+
+
 _TOKENIZERS: dict[tuple[str, bool], Any] = {}
 
 
@@ -99,6 +115,8 @@ def vllm_generate(ds, spec: ModelSpec, gen: GenerationConfig, columns: list[str]
 
     model_path = _model_path(spec)
     source = tokenizer_source(spec)
+    if storage.is_remote(model_path):
+        model_path = source = _local_model_source(spec, model_path)
     stop_ids = stop_token_ids(_tokenizer(source, trust_remote_code), generation_eos(model_path))
 
     def add_ids(df):

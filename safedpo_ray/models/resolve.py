@@ -3,6 +3,12 @@
 A run directory (the output of `safedpo-ray train`) holds `model/` (full weights, or `model/adapter`
 for LoRA runs) and, for the tiny preset, `init-model/` (the reference); other runs name their base
 model in `config.yaml`.
+
+A run in an object store (`s3://bucket/runs/NAME`, or `.../NAME/model`) is resolved on the driver
+by reading only small files through storage (listings, config.yaml, adapter_config.json): the
+ModelSpec keeps URIs, and whatever loads the weights (an actor, on any node) fetches them into its
+own node's cache (`load_model`, `load_tokenizer` and `load_policy` call `storage.localize`). The
+driver never hands a path of its own disk to another node.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import yaml
 
 from safedpo_ray.errors import EvalError  # noqa: F401 (raised here; imported from here by evaluate/)
 from safedpo_ray.models.loading import load_model
-from safedpo_ray.runtime.storage import localize_run
+from safedpo_ray.runtime import storage
 
 
 @dataclass
@@ -43,18 +49,53 @@ def _adapter_dir(d: Path) -> Path | None:
 
 def _run_base_model(run: Path) -> str | None:
     cfg = run / "config.yaml"
-    if not cfg.exists():
-        return None
-    name = ((yaml.safe_load(cfg.read_text()) or {}).get("model") or {}).get("name_or_path")
+    return _base_model_of(cfg.read_text()) if cfg.exists() else None
+
+
+def _resolve_remote(path: str, *, label: str | None, reference: str | None) -> ModelSpec:
+    """`resolve_model` for an object-store URI: the same layout rules, read through storage
+    without downloading weights; every path in the spec is a URI (or a hub id)."""
+    path = path.rstrip("/")
+    if not storage.exists(path):
+        raise EvalError(f"nothing at '{storage.redact(path)}'")
+    run = path if storage.exists(storage.join(path, "model")) else None
+    model_dir = storage.join(path, "model") if run else path
+    if run is None and storage.basename(path) == "model" and storage.exists(
+            storage.join(storage.parent(path), "init-model")):
+        run = storage.parent(path)  # <run>/model given directly
+    adapter = next((c for c in (model_dir, storage.join(model_dir, "adapter"))
+                    if storage.exists(storage.join(c, "adapter_config.json"))), None)
+    init = storage.join(run, "init-model") if run and storage.exists(storage.join(run, "init-model")) else None
+    name = label or storage.basename(run or path)
+    if adapter is not None:
+        base = json.loads(storage.read_text(storage.join(adapter, "adapter_config.json"))).get("base_model_name_or_path")
+        if init is not None and (not base or not (storage.is_uri(base) or Path(base).exists())):
+            base = init  # the adapter names the training node's path of its base: the run's init-model
+        if not base:
+            raise EvalError(f"{storage.redact(adapter)}: adapter_config.json names no base model; "
+                            "evaluate the merged export instead")
+        return ModelSpec(label=name, path=str(base), adapter=adapter, reference=reference, run_dir=run)
+    if not storage.exists(storage.join(model_dir, "config.json")):
+        raise EvalError(f"{storage.redact(path)}: no config.json (expected a Hugging Face model dir or a run dir "
+                        "with model/)")
+    ref = reference or init
+    if ref is None and run and storage.exists(storage.join(run, "config.yaml")):
+        ref = _base_model_of(storage.read_text(storage.join(run, "config.yaml")))
+    return ModelSpec(label=name, path=model_dir, reference=ref, run_dir=run)
+
+
+def _base_model_of(config_yaml: str) -> str | None:
+    name = ((yaml.safe_load(config_yaml) or {}).get("model") or {}).get("name_or_path")
     return name if name and name != "tiny" else None
 
 
 def resolve_model(path: str, *, label: str | None = None, reference: str | None = None) -> ModelSpec:
     """Where the policy weights, a LoRA adapter and the reference are for `path`."""
-    path = localize_run(path)  # s3://.../run or .../run/model: fetched once (no checkpoints)
-    p = Path(path)
-    if reference and Path(reference).exists():
+    if reference and not storage.is_uri(reference) and Path(reference).exists():
         reference = str(Path(reference).resolve())
+    if storage.is_remote(path):  # s3://.../run or .../run/model: resolved here, fetched by each actor
+        return _resolve_remote(path, label=label, reference=reference)
+    p = Path(path)
     if not p.exists():  # a hub id: no run structure, reference only if given
         return ModelSpec(label=label or path.rstrip("/").split("/")[-1], path=path, reference=reference)
     p = p.resolve()  # Ray workers may start elsewhere
@@ -89,7 +130,9 @@ def resolve_models(paths: list[str], labels: list[str], reference: str | None) -
 
 
 def tokenizer_source(spec: ModelSpec) -> str:
-    if spec.adapter and (Path(spec.adapter) / "tokenizer_config.json").exists():
+    """The adapter's dir when it carries a tokenizer, else the model's (a path or a storage URI:
+    `load_tokenizer` fetches a URI into this node's cache)."""
+    if spec.adapter and storage.exists(storage.join(spec.adapter, "tokenizer_config.json")):
         return spec.adapter
     return spec.path
 
@@ -101,7 +144,7 @@ def load_policy(spec: ModelSpec, *, dtype: str = "float32", trust_remote_code: b
     if spec.adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, spec.adapter)
+        model = PeftModel.from_pretrained(model, storage.localize(spec.adapter))  # a URI: fetched to this node
     model.to(device).eval()
     model.requires_grad_(False)
     return model

@@ -82,6 +82,21 @@ def join(base: str | os.PathLike, *parts: str) -> str:
     return urlunsplit((s.scheme, s.netloc, path, s.query, s.fragment))
 
 
+def basename(path: str | os.PathLike) -> str:
+    """The last part of a local path or a URI's path (its query left out)."""
+    text = str(path)
+    return (urlsplit(text).path if is_uri(text) else text).rstrip("/").rsplit("/", 1)[-1]
+
+
+def parent(path: str | os.PathLike) -> str:
+    """The parent of a local path or a URI (a URI's query stays at the end)."""
+    text = str(path)
+    if not is_uri(text):
+        return str(Path(text).parent)
+    s = urlsplit(text)
+    return urlunsplit((s.scheme, s.netloc, s.path.rstrip("/").rsplit("/", 1)[0], s.query, s.fragment))
+
+
 def redact(uri: str) -> str:
     """A URI with secret query values hidden (for messages and logs)."""
     if not is_uri(uri):
@@ -231,19 +246,6 @@ def localize(path: str | os.PathLike, parts: tuple[str, ...] | None = None) -> s
     except OSError:  # another worker on this node finished first: keep theirs
         shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
-
-
-RUN_PARTS = ("model", "init-model", "config.yaml", "summary.json")  # what evaluating a run needs
-
-
-def localize_run(path: str) -> str:
-    """`evaluate --model s3://.../RUN` (or .../RUN/model): a local copy of what evaluation reads
-    (the model, the reference init-model, config.yaml), without checkpoints; others unchanged."""
-    if not is_remote(path):
-        return path
-    if exists(join(path, "model")):
-        return localize(path, parts=RUN_PARTS)
-    return localize(path)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,210 @@
+"""train, then evaluate that run, as jobs on a cluster whose nodes share no disk (slow: minutes).
+
+The cluster (tests/isolated_cluster.py): a head that runs no work and two worker nodes, each in
+its own mount namespace where the head's home, temp dir and this test's directories are empty;
+storage is an S3 store (moto, tests/s3_server.py). Jobs go through `safedpo-ray submit --wait`,
+as a user sends them; every result is read back through S3, never from a local path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from isolated_cluster import IsolatedCluster, unshare_refused
+from s3_server import CREDENTIALS, S3Server
+from safedpo_ray.cli.main import main as cli
+from safedpo_ray.runtime import storage
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+
+JOB_CONFIG = {
+    "data": {"synthetic_prompts": 64, "synthetic_eval_prompts": 8, "max_length": 96, "max_prompt_length": 40},
+    "train": {"global_batch_size": 4, "micro_batch_size": 2, "learning_rate": 1e-3, "max_steps": 3,
+              "checkpoint_every": 2, "keep_checkpoints": 1},
+    "run": {"num_workers": 2, "node_wait_timeout_s": 120},
+}
+
+
+def wait_for_job_agent(dashboard: str, timeout: float = 300) -> None:
+    """The job server answers 'No available agent' until the head's job agent registers."""
+    from safedpo_ray.cli.jobs import connect
+
+    jobs, deadline = connect(dashboard), time.time() + timeout
+    while True:
+        try:
+            job_id = jobs.submit_job(entrypoint="true")
+            break
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.time() > deadline:
+                raise
+            time.sleep(2)
+    while str(jobs.get_job_status(job_id)) not in ("SUCCEEDED", "FAILED", "STOPPED") and time.time() < deadline:
+        time.sleep(0.5)
+
+
+def submit(cluster, job_dir: Path, capsys, *command: str) -> tuple[int, str, str]:
+    """`safedpo-ray submit --wait -- VERB ...` from job_dir; (exit code, job id, output)."""
+    capsys.readouterr()
+    code = cli(["submit", "--address", cluster.dashboard, "--working-dir", str(job_dir), "--wait", "--", *command])
+    out = capsys.readouterr()
+    found = re.search(r"submitted job (\S+):", out.out)
+    return code, found.group(1) if found else "", out.out + out.err
+
+
+def job_logs(cluster, job_id: str, capsys) -> str:
+    capsys.readouterr()
+    assert cli(["jobs", "logs", job_id, "--address", cluster.dashboard]) == 0
+    return capsys.readouterr().out
+
+
+def read_jsonl(uri: str) -> list[dict]:
+    return [json.loads(line) for line in storage.read_text(uri).splitlines() if line.strip()]
+
+
+def files_under(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
+
+
+@pytest.fixture(scope="module")
+def isolated(tmp_path_factory):
+    reason = unshare_refused()
+    if reason:
+        pytest.skip(f"no private mount namespaces here: {reason}")
+    job_dir = tmp_path_factory.mktemp("job")
+    (job_dir / "job.yaml").write_text(yaml.safe_dump(JOB_CONFIG))
+    with S3Server() as s3:
+        # the test's directories (job_dir and every tmp_path) are hidden on the worker nodes
+        with IsolatedCluster(hide=[tmp_path_factory.getbasetemp()], env=CREDENTIALS) as cluster:
+            wait_for_job_agent(cluster.dashboard)
+            yield cluster, s3, job_dir
+
+
+def test_train_then_evaluate_on_nodes_that_share_no_disk(isolated, capsys):
+    cluster, s3, job_dir = isolated
+    started = time.time()
+    runs, evals = s3.uri("isolated/runs"), s3.uri("isolated/evals")
+    root = storage.join(runs, "iso")
+
+    # ---- train: rank 0 on a worker node, the driver on the head; outputs only in S3
+    code, train_id, out = submit(cluster, job_dir, capsys, "train", "--config", str(job_dir / "job.yaml"),
+                                 f"run.storage_path={runs}", "run.name=iso")
+    train_s = time.time() - started
+    assert code == 0, out[-4000:]
+    assert "[safedpo] step 3/3" in out, out[-4000:]  # --wait streamed the progress
+    summary = json.loads(storage.read_text(storage.join(root, "summary.json")))
+    assert summary["driver_node_id"] == cluster.head.node_id
+    assert set(summary["worker_nodes"]) <= set(cluster.worker_ids()) and cluster.head.node_id not in summary["worker_nodes"]
+    assert summary["model_dir"] == storage.join(root, "model")
+    assert sorted(r["step"] for r in read_jsonl(storage.join(root, "metrics.jsonl")) if "loss" in r) == [1, 2, 3]
+    for part in ("model/config.json", "init-model/config.json", "config.yaml"):
+        assert storage.exists(storage.join(root, part)), part
+    assert "[safedpo] step 3/3" in job_logs(cluster, train_id, capsys)
+
+    # What train's driver left on the head's disk (its staging copy of the run dir, under the
+    # job's working dir) is removed: evaluate must find everything in S3.
+    staged = [p for p in cluster.head_dir.rglob("iso") if p.is_dir()]
+    with capsys.disabled():  # submit() below empties capsys
+        print("train's run dir on the head (removed):", [str(p.relative_to(cluster.head_dir)) for p in staged])
+    for p in staged:
+        shutil.rmtree(p)
+    weights_before = [p for p in files_under(cluster.head_dir) if p.suffix == ".safetensors"]
+
+    # ---- evaluate the run by its URI: implicit metrics + generation, results into S3
+    eval_started = time.time()
+    code, eval_id, out = submit(
+        cluster, job_dir, capsys, "evaluate", "--model", root, "--data", "synthetic", "--output", evals,
+        "--name", "e1", "data.synthetic_prompts=8", "data.max_prompts=4", "data.max_length=96",
+        "data.max_prompt_length=40", "generation.max_new_tokens=8", "generation.batch_size=2",
+        "generation.num_actors=2", "implicit.batch_size=4", "output.progress=false")
+    eval_s = time.time() - eval_started
+    assert code == 0, out[-6000:]
+    results = json.loads(storage.read_text(storage.join(evals, "e1", "results.json")))
+    (label,) = results["models"]
+    model = results["models"][label]
+    assert model["model"]["path"] == storage.join(root, "model")  # a URI, not a path of the head's disk
+    assert model["model"]["reference"] == storage.join(root, "init-model")
+    assert "rewards/margins/safe_unsafe" in model["implicit"] or "safe_over_unsafe_accuracy" in model["implicit"], model
+    generations = read_jsonl(storage.join(evals, "e1", "generations.jsonl"))
+    assert len(generations) == 4 and all("response" in g for g in generations)
+    assert storage.exists(storage.join(evals, "e1", "results.md"))
+    logs = job_logs(cluster, eval_id, capsys)
+    assert "[safedpo] implicit-reward metrics: iso" in logs and "[safedpo] generating: iso" in logs, logs[-3000:]
+
+    # ---- nothing evaluate needed came from the head's disk
+    head_files = files_under(cluster.head_dir)
+    assert not [p for p in head_files if p.suffix == ".safetensors" and p not in weights_before], \
+        "model weights were written on the head"
+    assert not [p for p in cluster.head_dir.rglob("iso") if p.is_dir()], "a run dir 'iso' appeared on the head"
+    assert not (cluster.head_dir / "home" / ".cache" / "safedpo-ray" / "storage").exists()  # the driver fetched nothing
+    fetched = {p.name for w in cluster.workers for p in (w.root / "home" / ".cache" / "safedpo-ray" / "storage").glob("*/*")}
+    assert {"model", "init-model"} <= fetched, fetched  # the actors fetched the run on their own nodes
+    total = time.time() - started
+    print("fetched on the worker nodes:", sorted(fetched))
+    print(f"isolated cluster: train job {train_s:.0f} s, evaluate job {eval_s:.0f} s, total {total:.0f} s")
+
+
+PROBE = '''
+import json, os, sys
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+ray.init()
+
+@ray.remote(num_cpus=1)
+def look(paths):
+    return {"node": ray.get_runtime_context().get_node_id(), "home": os.environ["HOME"],
+            "listings": {p: sorted(os.listdir(p)) if os.path.isdir(p) else None for p in paths}}
+
+paths = sys.argv[1:]
+nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]
+print("PROBE " + json.dumps(ray.get([look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False))
+                                     .remote(paths) for n in nodes])))
+'''
+
+
+def test_worker_nodes_see_none_of_the_heads_files_and_can_be_replaced(isolated, tmp_path, capsys):
+    """The cluster itself: the head has no CPUs; on each worker node the head's directory and the
+    test's directories are empty and HOME is the node's own; a worker node killed and another added
+    leave the cluster with two worker nodes again."""
+    from ray.util.state import list_nodes
+
+    cluster, _, _ = isolated
+    (tmp_path / "probe.py").write_text(PROBE)
+    (tmp_path / "marker").write_text("on the test's disk")
+    assert any(cluster.head_dir.iterdir())
+    from safedpo_ray.cli.jobs import connect
+
+    jobs = connect(cluster.dashboard)
+    job_id = jobs.submit_job(entrypoint=f"python probe.py {cluster.head_dir} {tmp_path}",
+                             runtime_env={"working_dir": str(tmp_path)})
+    deadline = time.time() + 300
+    while str(jobs.get_job_status(job_id)) not in ("SUCCEEDED", "FAILED", "STOPPED") and time.time() < deadline:
+        time.sleep(1)
+    logs = jobs.get_job_logs(job_id)
+    assert str(jobs.get_job_status(job_id)) == "SUCCEEDED", logs[-3000:]
+    seen = json.loads(next(line for line in logs.splitlines() if line.startswith("PROBE "))[6:])
+    assert sorted(s["node"] for s in seen) == sorted(cluster.worker_ids())  # the head offers no CPU
+    for s in seen:
+        assert s["listings"][str(cluster.head_dir)] == [], s  # an empty tmpfs over it
+        assert s["listings"][str(tmp_path)] in (None, []), s  # under the hidden pytest base: not there
+        assert s["home"].startswith(str(cluster.base)) and not s["home"].startswith(str(cluster.head_dir))
+
+    def alive() -> set[str]:
+        return {n.node_id for n in list_nodes(address=cluster.dashboard, raise_on_missing_output=False)
+                if str(n.state) == "ALIVE"}
+
+    lost = cluster.remove()
+    deadline = time.time() + 120
+    while lost in alive() and time.time() < deadline:
+        time.sleep(1)
+    assert lost not in alive()
+    added = cluster.add()
+    assert alive() == {cluster.head.node_id, *cluster.worker_ids()} and added in alive() and len(cluster.workers) == 2
