@@ -30,9 +30,11 @@ from safedpo_ray.errors import UserError
 from safedpo_ray.runtime import storage
 from safedpo_ray.runtime import storage as run_storage
 from safedpo_ray.runtime.ray_env import ensure_ray
+from safedpo_ray.search import placement
 from safedpo_ray.search.report import table, write_results
 from safedpo_ray.search.scoring import score_trial, write_held_out_prompts
 from safedpo_ray.search.space import SearchSpec, apply_params, check_against_config, check_spec, param_space
+from safedpo_ray.train.launch import resources_per_worker
 
 SPEC_FILE = "search.yaml"
 BASE_FILE = "base_config.yaml"
@@ -158,18 +160,18 @@ def _remove(uri: str) -> None:
         pass
 
 
-def max_concurrent(cfg: Config, spec: SearchSpec, local: bool) -> int:
-    """Trials that fit at once: the cluster's GPUs (or CPUs) over one trial's workers. A local
-    Ray keeps 2 logical CPUs for Ray Data and scoring, so on 2 cores trials run one at a time."""
-    import ray
+def trial_placement(cfg: Config, local: bool, nodes: list[dict[str, float]] | None = None) -> placement.Placement:
+    """How the cluster's nodes hold trials of `cfg` (search/placement.py); raises PlacementError
+    when one trial can never be placed. A local Ray keeps 2 logical CPUs for Ray Data and
+    scoring beyond the first trial, so on 2 cores trials run one at a time."""
+    nodes = placement.cluster_nodes() if nodes is None else nodes
+    return placement.plan(nodes, resources_per_worker(cfg.run), cfg.run.num_workers, keep_cpus=2 if local else 0)
 
-    if spec.max_concurrent_trials:
-        return spec.max_concurrent_trials
-    have = ray.cluster_resources()
-    if cfg.run.use_gpu:
-        return max(1, int(have.get("GPU", 0) // cfg.run.num_workers))
-    spare = have.get("CPU", 1) - (2 if local else 0)
-    return max(1, int(spare // (cfg.run.num_workers * cfg.run.cpus_per_worker)))
+
+def max_concurrent(cfg: Config, spec: SearchSpec, local: bool, nodes: list[dict[str, float]] | None = None) -> int:
+    """Trials at once: `tune.max_concurrent_trials`, else as many as the nodes hold the workers of."""
+    plan = trial_placement(cfg, local, nodes)
+    return spec.max_concurrent_trials or plan.max_trials
 
 
 def _rows(result_grid, spec: SearchSpec, base: Config) -> list[dict[str, Any]]:
@@ -209,8 +211,9 @@ def _tuner(spec: SearchSpec, base: Config, exp_dir: Path, shared: dict[str, Any]
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base.to_dict(), exp_dir=str(exp_dir), shared=shared,
                              spec=spec.to_dict(), remote=remote),
-        # The trial itself only waits on its TorchTrainer; its workers reserve the real resources.
-        {"cpu": 0.01},
+        # The trial itself reserves no CPU or GPU (Train V2 reserves its workers in a placement
+        # group of its own); max_concurrent_trials keeps the trials to what the nodes hold.
+        placement.trial_resources(),
     )
     if restore:
         return tune.Tuner.restore(remote or str(exp_dir), trainable=trainable, resume_unfinished=True,
@@ -285,6 +288,9 @@ def run_experiment(spec: SearchSpec, base: Config, *, resume: str | None = None)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     ensure_ray(base.run)
     storage.check_cluster_storage(base.run)  # several nodes: the experiment needs shared storage
+    fit_plan = trial_placement(base, local)  # a trial that can never be placed stops here
+    print(f"[safedpo] one trial: {base.run.num_workers} worker(s) of {fit_plan.worker}; the cluster holds "
+          f"{fit_plan.max_trials} trial(s) at once", flush=True)
     shared = _prepare_shared(base, exp_dir)
     if remote:  # workers on any node load the model from the store
         shared["model_path"] = storage.publish_driver_files(remote, exp_dir, shared["model_path"])
