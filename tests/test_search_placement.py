@@ -98,3 +98,25 @@ def test_tune_runs_a_trial_that_reserves_no_cpu(ray_local, tmp_path):
     assert result.error is None
     assigned = result.metrics["assigned"]
     assert not assigned.get("CPU") and not assigned.get("GPU")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_on_a_head_without_cpus_the_trial_waits_there_and_its_workers_fill_the_other_node():
+    """A real 2-node Ray (tests/tune_placement_cluster.py, its own processes): head 0 CPUs, a node
+    of exactly the trial's 3 worker CPUs. With {"CPU": 0.01} per trial the same script's worker
+    group never started (timed out after 15 s)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    script = Path(__file__).with_name("tune_placement_cluster.py")
+    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rtp", dir="/tmp")}  # short socket paths
+    env.pop("RAY_ADDRESS", None)
+    out = subprocess.run([sys.executable, str(script), "new"], env=env, capture_output=True, text=True, timeout=280)
+    line = next((l for l in reversed(out.stdout.splitlines()) if l.startswith("{")), None)
+    assert line, (out.stdout[-2000:], out.stderr[-2000:])
+    assert json.loads(line) == {"error": None, "trial_on_head": True, "workers_on_head": False}
