@@ -63,3 +63,12 @@ def test_an_object_store_gets_the_experiment(ray_local, tmp_path):
         assert storage.exists(storage.join(base, ".cache", "prepared")) or any(
             ".cache/prepared" in i.path for i in fs.get_file_info(pafs.FileSelector(path.rsplit("/", 1)[0], recursive=True)))
         assert s["rows"][0]["status"] == "done"
+        # every input a trial reads is addressed where any node reads it, not on the driver's disk
+        shared = storage.read_json(storage.join(remote, "shared.json"))
+        inputs = {"held_out_prompts": shared["held_out_prompts"], "pairs": shared["data"]["root"],
+                  "reference": shared["reference"]["path"], "model": shared["model_path"]}
+        assert all(v.startswith("s3://") for v in inputs.values()), inputs
+        assert not any(str(tmp_path) in v for v in inputs.values()), inputs
+        from safedpo_ray.evaluate.generate import read_prompt_file
+
+        assert len(read_prompt_file(storage.localize(inputs["held_out_prompts"]))) > 0

@@ -30,9 +30,11 @@ from safedpo_ray.errors import UserError
 from safedpo_ray.runtime import storage
 from safedpo_ray.runtime import storage as run_storage
 from safedpo_ray.runtime.ray_env import ensure_ray
+from safedpo_ray.search import placement
 from safedpo_ray.search.report import table, write_results
-from safedpo_ray.search.scoring import score_trial, write_held_out_prompts
+from safedpo_ray.search.scoring import HELD_OUT_PROMPTS, score_trial, write_held_out_prompts
 from safedpo_ray.search.space import SearchSpec, apply_params, check_against_config, check_spec, param_space
+from safedpo_ray.train.launch import resources_per_worker
 
 SPEC_FILE = "search.yaml"
 BASE_FILE = "base_config.yaml"
@@ -60,19 +62,25 @@ def _read_shared(shared: dict[str, Any]):
     return Prepared(data=data, stats=data.stats, model_path=shared["model_path"], reference=ref)
 
 
-def _prepare_shared(cfg: Config, exp_dir: Path) -> dict[str, Any]:
-    """Run the pipeline and the reference pass for `cfg`; a JSON-able description trials read."""
+def _prepare_shared(cfg: Config, exp_dir: Path, remote: str | None = None) -> dict[str, Any]:
+    """Run the pipeline and the reference pass for `cfg`; a JSON-able description trials read.
+    Trials run on any node: every input they read is addressed where every node reads it (the
+    caches under run.storage_path, and with an object store the held-out prompts' URI)."""
     from safedpo_ray.train.trainer import attach_reference, prepare  # lazy: imports pyarrow
 
     prepared = prepare(cfg, exp_dir)
     if not prepared.has_eval:
         raise SearchError("a search needs held-out pairs to compare trials: set data.eval_source, "
                           "data.eval_split or data.eval_fraction > 0")
-    prompts = write_held_out_prompts(prepared.data.split("eval"), exp_dir)
+    prompts = str(write_held_out_prompts(prepared.data.split("eval"), exp_dir))
+    if remote:  # exp_dir is the driver's staging directory: other nodes' disks do not have it
+        uri = storage.join(remote, HELD_OUT_PROMPTS)
+        storage.upload(prompts, uri)
+        prompts = uri
     attach_reference(cfg, prepared, shared=True)
     r, d = prepared.reference, prepared.data
     return {"inputs_key": inputs_key(cfg), "model_path": prepared.model_path, "stats": prepared.stats,
-            "held_out_prompts": str(prompts),
+            "held_out_prompts": prompts,
             "data": {"key": d.key, "root": d.root, "stats": d.stats, "reused": d.reused, "seconds": d.seconds},
             "reference": {"key": r.key, "path": str(r.path), "computed": r.computed, "pairs": r.pairs,
                           "seconds": r.seconds, "compute_seconds": r.compute_seconds}}
@@ -146,7 +154,8 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], exp_dir: str, sha
     final.update(step=summary.get("last_step"), completed=1, reference_forwards=summary.get("reference_forwards", 0))
     search = build(SearchSpec, {k: v for k, v in spec.items() if k != "params"})
     if search.has_scorers and summary.get("model_dir"):
-        final.update(score_trial(search, cfg, Path(summary["model_dir"]), run_dir, shared))
+        # a path or a URI (s3://b/x: Path() would make it s3:/b/x)
+        final.update(score_trial(search, cfg, str(summary["model_dir"]), run_dir, shared))
     ray.tune.report(final)
 
 
@@ -158,18 +167,18 @@ def _remove(uri: str) -> None:
         pass
 
 
-def max_concurrent(cfg: Config, spec: SearchSpec, local: bool) -> int:
-    """Trials that fit at once: the cluster's GPUs (or CPUs) over one trial's workers. A local
-    Ray keeps 2 logical CPUs for Ray Data and scoring, so on 2 cores trials run one at a time."""
-    import ray
+def trial_placement(cfg: Config, local: bool, nodes: list[dict[str, float]] | None = None) -> placement.Placement:
+    """How the cluster's nodes hold trials of `cfg` (search/placement.py); raises PlacementError
+    when one trial can never be placed. A local Ray keeps 2 logical CPUs for Ray Data and
+    scoring beyond the first trial, so on 2 cores trials run one at a time."""
+    nodes = placement.cluster_nodes() if nodes is None else nodes
+    return placement.plan(nodes, resources_per_worker(cfg.run), cfg.run.num_workers, keep_cpus=2 if local else 0)
 
-    if spec.max_concurrent_trials:
-        return spec.max_concurrent_trials
-    have = ray.cluster_resources()
-    if cfg.run.use_gpu:
-        return max(1, int(have.get("GPU", 0) // cfg.run.num_workers))
-    spare = have.get("CPU", 1) - (2 if local else 0)
-    return max(1, int(spare // (cfg.run.num_workers * cfg.run.cpus_per_worker)))
+
+def max_concurrent(cfg: Config, spec: SearchSpec, local: bool, nodes: list[dict[str, float]] | None = None) -> int:
+    """Trials at once: `tune.max_concurrent_trials`, else as many as the nodes hold the workers of."""
+    plan = trial_placement(cfg, local, nodes)
+    return spec.max_concurrent_trials or plan.max_trials
 
 
 def _rows(result_grid, spec: SearchSpec, base: Config) -> list[dict[str, Any]]:
@@ -177,7 +186,7 @@ def _rows(result_grid, spec: SearchSpec, base: Config) -> list[dict[str, Any]]:
     for result in result_grid:
         metrics = dict(result.metrics or {})
         params = {k: (result.config or {}).get(k) for k in spec.params}
-        trial = metrics.get("trial_id") or Path(result.path).name
+        trial = metrics.get("trial_id") or str(result.path).rstrip("/").rsplit("/", 1)[-1]  # a path or URI
         cfg = None
         try:
             cfg = apply_params(base, {k: v for k, v in params.items() if v is not None})
@@ -209,8 +218,9 @@ def _tuner(spec: SearchSpec, base: Config, exp_dir: Path, shared: dict[str, Any]
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base.to_dict(), exp_dir=str(exp_dir), shared=shared,
                              spec=spec.to_dict(), remote=remote),
-        # The trial itself only waits on its TorchTrainer; its workers reserve the real resources.
-        {"cpu": 0.01},
+        # The trial itself reserves no CPU or GPU (Train V2 reserves its workers in a placement
+        # group of its own); max_concurrent_trials keeps the trials to what the nodes hold.
+        placement.trial_resources(),
     )
     if restore:
         return tune.Tuner.restore(remote or str(exp_dir), trainable=trainable, resume_unfinished=True,
@@ -285,7 +295,10 @@ def run_experiment(spec: SearchSpec, base: Config, *, resume: str | None = None)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     ensure_ray(base.run)
     storage.check_cluster_storage(base.run)  # several nodes: the experiment needs shared storage
-    shared = _prepare_shared(base, exp_dir)
+    fit_plan = trial_placement(base, local)  # a trial that can never be placed stops here
+    print(f"[safedpo] one trial: {base.run.num_workers} worker(s) of {fit_plan.worker}; the cluster holds "
+          f"{fit_plan.max_trials} trial(s) at once", flush=True)
+    shared = _prepare_shared(base, exp_dir, remote)
     if remote:  # workers on any node load the model from the store
         shared["model_path"] = storage.publish_driver_files(remote, exp_dir, shared["model_path"])
     (exp_dir / SHARED_FILE).write_text(json.dumps(shared, indent=2, default=str))

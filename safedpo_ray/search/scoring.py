@@ -9,6 +9,7 @@ from typing import Any
 
 from safedpo_ray.config.evaluation import load_eval_config
 from safedpo_ray.config.training import Config
+from safedpo_ray.runtime.storage import localize
 from safedpo_ray.search.space import SearchSpec
 
 HELD_OUT_PROMPTS = "heldout_prompts.jsonl"
@@ -24,7 +25,7 @@ def write_held_out_prompts(eval_split: str, exp_dir: Path) -> Path:
     return path
 
 
-def eval_tree(spec: SearchSpec, cfg: Config, model_dir: Path, out_dir: Path, prompts: str) -> dict[str, Any]:
+def eval_tree(spec: SearchSpec, cfg: Config, model_dir: str, out_dir: Path, prompts: str) -> dict[str, Any]:
     """The evaluation config (as a tree for `load_eval_config`) that scores one trial's model."""
     s = spec.scoring
     return {
@@ -53,9 +54,11 @@ def scored_metrics(results: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def score_trial(spec: SearchSpec, cfg: Config, model_dir: Path, run_dir: Path, shared: dict[str, Any]) -> dict[str, float]:
+def score_trial(spec: SearchSpec, cfg: Config, model_dir: str, run_dir: Path, shared: dict[str, Any]) -> dict[str, float]:
+    """`model_dir`: a path or a URI (the model loader fetches a URI once per node)."""
     from safedpo_ray.evaluate.runner import evaluate  # lazy: imports pyarrow, torch
 
-    prompts = spec.scoring.prompts or shared["held_out_prompts"]
+    # the prompts as every node reads them: a URI (object-store experiment) is fetched to this node
+    prompts = localize(spec.scoring.prompts or shared["held_out_prompts"])
     eval_cfg = load_eval_config(None, [], eval_tree(spec, cfg, model_dir, run_dir / "evaluation", prompts))
     return scored_metrics(evaluate(eval_cfg))

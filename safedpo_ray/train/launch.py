@@ -44,6 +44,15 @@ class Launch:
     """More Ray Train callbacks (a Tune trial passes its reporter)."""
 
 
+def resources_per_worker(run) -> dict[str, float]:
+    """One worker's reservation: `run.cpus_per_worker` CPUs, a GPU with `run.use_gpu`, and
+    `run.worker_resources` (what Ray Train's ScalingConfig asks each worker's bundle for)."""
+    need = {"CPU": float(run.cpus_per_worker), **{k: float(v) for k, v in run.worker_resources.items()}}
+    if run.use_gpu:
+        need.setdefault("GPU", 1.0)
+    return {k: v for k, v in need.items() if v}
+
+
 def trainer_for(job: Launch):
     """The `TorchTrainer` for a job (built, not started)."""
     from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig  # lazy: imports ray
@@ -64,7 +73,7 @@ def trainer_for(job: Launch):
         train_loop_config=job.loop_config,
         torch_config=TorchConfig(backend="nccl" if run.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu,
-                                     resources_per_worker={"CPU": run.cpus_per_worker, **run.worker_resources}),
+                                     resources_per_worker=resources_per_worker(run)),
         run_config=RunConfig(
             name=job.name, storage_path=job.storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=job.keep_checkpoints),
