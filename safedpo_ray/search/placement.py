@@ -76,7 +76,8 @@ def plan(nodes: list[dict[str, float]], worker: dict[str, float], num_workers: i
         raise PlacementError(
             f"one trial needs {need} at once but this Ray cluster's nodes hold only {total} such worker(s) "
             f"({shapes}): "
-            "lower run.num_workers or run.cpus_per_worker, change run.worker_resources, or add nodes")
+            "lower run.num_workers or run.cpus_per_worker, change run.worker_resources, or add nodes "
+            "(an autoscaling cluster counts only the nodes up now: start them first, e.g. min_workers)")
     if not any(holds(n, TRIAL_BUNDLE) for n in nodes):
         raise PlacementError(f"a trial's own process needs {_fmt(TRIAL_BUNDLE)} on one node, and no node has it "
                              f"({shapes})")
