@@ -100,12 +100,19 @@ def test_dockerfile_puts_the_configs_where_the_manifests_look():
 
 
 def _documented_commands(text: str) -> list[str]:
-    """`safedpo-ray ...` lines of the ```bash blocks, with continuations joined, comments dropped."""
+    """`safedpo-ray ...` lines of the ```bash blocks, with continuations joined, comments dropped
+    and the block's `export NAME=VALUE` variables put in."""
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        exported: dict[str, str] = {}
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split("  #")[0].strip()
+            if line.startswith("export "):
+                exported.update(item.split("=", 1) for item in shlex.split(line)[1:] if "=" in item)
             if line.startswith("safedpo-ray ") and "|" not in line and "[" not in line:
+                for name, value in exported.items():
+                    line = line.replace(f"${name}", value)
+                assert "$" not in line, line
                 commands.append(line)
     return commands
 
