@@ -126,6 +126,8 @@ class JudgeClient:
                 return PARSERS[kind](answer["choices"][0]["message"]["content"])
             except _Retryable as exc:
                 last = str(exc)
+            except JudgeError:  # 400/401/404 (a UserError, so a ValueError too): retrying will not help
+                raise
             except (KeyError, IndexError, TypeError, ValueError) as exc:
                 last = f"unusable answer from {self.url}: {type(exc).__name__}: {exc}"
         raise JudgeError(f"judge failed after {self.cfg.max_retries + 1} attempts: {last}")
