@@ -134,9 +134,14 @@ class IsolatedCluster:
     def _alive_nodes(self) -> list[dict]:
         from ray.util.state import list_nodes
 
+        from safedpo_ray.cli.jobs import _address_wins
+
         try:
-            return [n for n in list_nodes(address=self.dashboard, raise_on_missing_output=False, timeout=10)
-                    if str(getattr(n, "state", "")) == "ALIVE"]
+            # Ray's state client takes RAY_API_SERVER_ADDRESS over the address it is given: a local
+            # Ray that this test session started (ray_local) set it, and would be asked instead.
+            with _address_wins():
+                nodes = list_nodes(address=self.dashboard, raise_on_missing_output=False, timeout=10)
+            return [n for n in nodes if str(getattr(n, "state", "")) == "ALIVE"]
         except Exception:
             return []
 

@@ -198,8 +198,11 @@ def test_worker_nodes_see_none_of_the_heads_files_and_can_be_replaced(isolated, 
         assert s["home"].startswith(str(cluster.base)) and not s["home"].startswith(str(cluster.head_dir))
 
     def alive() -> set[str]:
-        return {n.node_id for n in list_nodes(address=cluster.dashboard, raise_on_missing_output=False)
-                if str(n.state) == "ALIVE"}
+        from safedpo_ray.cli.jobs import _address_wins
+
+        with _address_wins():  # not the session's local Ray, whose address the environment holds
+            nodes = list_nodes(address=cluster.dashboard, raise_on_missing_output=False)
+        return {n.node_id for n in nodes if str(n.state) == "ALIVE"}
 
     lost = cluster.remove()
     deadline = time.time() + 120

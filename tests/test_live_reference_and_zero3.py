@@ -9,12 +9,11 @@ import pytest
 pytestmark = pytest.mark.timeout(300)
 
 
-@pytest.mark.parametrize("extra", [
-    ("train.zero_stage=2", "train.cache_reference=false"),
+@pytest.mark.parametrize("extra", [  # ZeRO-2 with a live reference: test_train_e2e.py
     ("train.zero_stage=3", "train.cache_reference=false"),
     ("train.zero_stage=3", "model.lora.enabled=true", "model.lora.r=4", "model.gradient_checkpointing=true",
      "train.learning_rate=5e-3"),
-], ids=["zero2-live-reference", "zero3-live-reference", "zero3-lora-checkpointing"])
+], ids=["zero3-live-reference", "zero3-lora-checkpointing"])
 def test_bf16_trains_from_the_reference(ray_local, tmp_path, extra):
     from test_train_e2e import run
 
