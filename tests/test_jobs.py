@@ -55,8 +55,8 @@ def test_every_submittable_verb_is_checked_here(project):
 
 
 def test_every_verb_but_the_job_verbs_can_be_submitted(project, monkeypatch):
-    """Each verb of the table ships, checked here first; on a cluster of several nodes, a job with
-    a run section and no run.storage_path is refused before anything is shipped."""
+    """Each verb of the table ships, checked here first; on a cluster of several nodes, a job whose
+    rank 0 writes its outputs and that has no run.storage_path is refused before anything is shipped."""
     from safedpo_ray.cli import jobs
     from safedpo_ray.cli.verbs import VERBS
 
@@ -68,11 +68,12 @@ def test_every_verb_but_the_job_verbs_can_be_submitted(project, monkeypatch):
     with pytest.raises(ConfigError, match="sft.responses"):
         build_job(["sft", "sft.responses=bogus"], working_dir=project)
     monkeypatch.setattr(jobs, "alive_node_count", lambda address: 3)
-    for verb, args in (("sft", []), ("tune", ["--config", "configs/run.yaml"]), ("train-scorer", [])):
+    for verb, args in (("sft", []), ("tune", ["--config", "configs/run.yaml"]), ("verify", [])):
         with pytest.raises(JobsError, match=f"3 nodes and run.storage_path is unset: the {verb} job"):
             jobs._storage_unset_on_cluster(build_job([verb, *args], working_dir=project), "http://x:8265")
     jobs._storage_unset_on_cluster(build_job(["sft", "run.storage_path=s3://b/p"], working_dir=project), "http://x")
-    jobs._storage_unset_on_cluster(build_job(["evaluate", "--data", "synthetic"], working_dir=project), "http://x")
+    for verb, args in (("evaluate", ["--data", "synthetic"]), ("prepare", []), ("train-scorer", ["--output", "s3://b/s"])):
+        jobs._storage_unset_on_cluster(build_job([verb, *args], working_dir=project), "http://x")  # not refused
 
 
 @pytest.mark.parametrize("argv, code, message", [

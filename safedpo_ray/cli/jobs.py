@@ -206,12 +206,11 @@ def _env_vars(items: list[str] | None) -> dict[str, str]:
 
 
 def _storage_unset_on_cluster(job: dict[str, Any], address: str) -> None:
-    """A job whose configuration has a run section (train, prepare, sft, tune, train-scorer,
-    verify...) needs run.storage_path on a cluster of several nodes (the job would refuse to
-    start, or leave its outputs on whichever node held rank 0): say so before shipping. Unknown
-    node counts and verbs without a run section pass."""
-    run = getattr(job["loaded"], "run", None)
-    if run is None or run.storage_path:
+    """A job whose rank 0 writes its outputs (train, sft, tune, verify, delta-study: the table's
+    rank0_writes_to_storage) needs run.storage_path on a cluster of several nodes (the job would
+    refuse to start): say so before shipping. Unknown node counts and other verbs pass
+    (train-scorer checks its scorer.output_dir itself, which may be a URI or a shared mount)."""
+    if not BY_NAME[job["verb"]].rank0_writes_to_storage or job["loaded"].run.storage_path:
         return
     nodes = alive_node_count(address)
     if nodes and nodes > 1:

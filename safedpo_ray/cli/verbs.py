@@ -33,6 +33,9 @@ class Verb:
     overrides_help: str = "overrides, e.g. train.beta=0.05"
     on_ray: bool = True
     submittable: bool = True
+    rank0_writes_to_storage: bool = False
+    """Its outputs are written by rank 0 of a Ray Train job under run.storage_path: `submit` refuses
+    the job without one on a cluster of several nodes (rank 0 may run on any node)."""
 
     def add_to(self, subparsers) -> argparse.ArgumentParser:
         p = subparsers.add_parser(self.name, help=self.help, description=self.help)
@@ -51,17 +54,19 @@ class Verb:
 
 VERBS: tuple[Verb, ...] = (
     Verb("train", "train a model with SafeDPO (Ray Train + DeepSpeed)",
-         train_commands.cmd_train, train_commands.load_training),
+         train_commands.cmd_train, train_commands.load_training, rank0_writes_to_storage=True),
     Verb("prepare", "run the data pipeline; write prepared pairs and statistics",
          train_commands.cmd_prepare, train_commands.load_training),
     Verb("config", "print the resolved configuration",
          train_commands.cmd_config, train_commands.load_training, on_ray=False),
     Verb("sft", "supervised fine-tuning on safe responses (Ray Train + DeepSpeed): the step before SafeDPO",
-         train_commands.cmd_sft, train_commands.load_training, overrides_help="overrides, e.g. sft.responses=all_safe"),
+         train_commands.cmd_sft, train_commands.load_training, overrides_help="overrides, e.g. sft.responses=all_safe",
+         rank0_writes_to_storage=True),
     Verb("tune", "search β, Δ or any config key with Ray Tune; pick the most helpful safe model",
          search_commands.cmd_tune, search_commands.load_tune, search_commands.tune_arguments,
          config_help="training config every trial starts from",
-         overrides_help="training overrides (train.max_steps=50) or search settings (tune.num_samples=8)"),
+         overrides_help="training overrides (train.max_steps=50) or search settings (tune.num_samples=8)",
+         rank0_writes_to_storage=True),
     Verb("evaluate", "implicit-reward metrics, generation, cost/reward scoring, XSTest, judge",
          evaluate_commands.cmd_evaluate, evaluate_commands.load_evaluate, evaluate_commands.evaluate_arguments,
          overrides_help="overrides, e.g. generation.num_actors=4"),
@@ -70,10 +75,12 @@ VERBS: tuple[Verb, ...] = (
          evaluate_commands.train_scorer_arguments, overrides_help="overrides, e.g. generation.num_actors=4"),
     Verb("verify", "train SafeDPO and plain DPO on a synthetic world; compare with the closed-form optimum",
          verify_commands.cmd_verify, verify_commands.load_verify, verify_commands.verify_arguments,
-         config_help="YAML config file (over the verify defaults)", overrides_help="overrides, e.g. train.max_steps=120"),
+         config_help="YAML config file (over the verify defaults)", overrides_help="overrides, e.g. train.max_steps=120",
+         rank0_writes_to_storage=True),
     Verb("delta-study", "SafeDPO on the synthetic world at several Δ: unsafe mass and distance to π*",
          verify_commands.cmd_delta_study, verify_commands.load_verify, verify_commands.delta_study_arguments,
-         config_help="YAML config file (over the verify defaults)", overrides_help="overrides, e.g. train.max_steps=120"),
+         config_help="YAML config file (over the verify defaults)", overrides_help="overrides, e.g. train.max_steps=120",
+         rank0_writes_to_storage=True),
 )
 BY_NAME = {v.name: v for v in VERBS}
 SUBMIT_VERBS = tuple(v.name for v in VERBS if v.submittable)
