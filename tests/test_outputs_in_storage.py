@@ -20,12 +20,26 @@ from pathlib import Path
 import pytest
 from s3_server import S3Server
 
-from safedpo_ray.config.training import load_config
 from safedpo_ray.data.synthetic import make_synthetic_rows
 from safedpo_ray.runtime import storage
 from safedpo_ray.train import preempt
 
 pytestmark = pytest.mark.timeout(300)
+
+def run_cli(tmp_path: Path, *argv: str, timeout: int = 420) -> subprocess.CompletedProcess:
+    """`safedpo-ray ARGV` in a fresh process with its own local Ray (not the session's: in the
+    whole suite, this module's SFT data tasks once waited forever for a node in the shared Ray),
+    bounded by `timeout`: a hang is a failure here, not a stuck suite."""
+    from s3_server import CREDENTIALS
+
+    env = {**os.environ, **CREDENTIALS, "SAFEDPO_STORAGE_CACHE": str(tmp_path / "cache"),
+           "SAFEDPO_STAGING_DIR": str(tmp_path / "staging")}
+    env = {k: v for k, v in env.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    done = subprocess.run([sys.executable, "-m", "safedpo_ray.cli", *argv], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=tmp_path)
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
+    return done
+
 
 SMALL = ["data.max_length=128", "data.max_prompt_length=48", "train.global_batch_size=8",
          "train.micro_batch_size=2", "run.num_workers=2"]
@@ -42,6 +56,10 @@ def where(request, tmp_path, monkeypatch):
     """The root's base: an s3:// URI (a local path given as run.storage_path goes through the same
     storage functions, tested for train and tune; "shared-path" here doubled these minutes-long
     runs for the suite's time budget)."""
+    from s3_server import CREDENTIALS
+
+    for k, v in CREDENTIALS.items():  # this process reads the results back from the store
+        monkeypatch.setenv(k, v)
     monkeypatch.setenv("SAFEDPO_STORAGE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("SAFEDPO_STAGING_DIR", str(tmp_path / "staging"))
     if request.param == "s3":
@@ -67,15 +85,12 @@ def _plain_file(tmp_path: Path) -> Path:
     return data
 
 
-@pytest.mark.timeout(600)
-def test_sft_outputs_land_under_the_run_root(ray_local, where, tmp_path):
-    from safedpo_ray.train.sft import sft
-    from safedpo_ray.train.trainer import train
-
-    cfg = load_config(None, SMALL + [f"run.output_dir={tmp_path / 'out'}", f"run.storage_path={where}",
-                                     "run.name=s1", f"data.source={_plain_file(tmp_path)}", "data.eval_fraction=0.2",
-                                     "train.max_steps=2", "train.checkpoint_every=1", "train.keep_checkpoints=1"])
-    summary = sft(cfg)
+@pytest.mark.timeout(900)
+def test_sft_outputs_land_under_the_run_root(where, tmp_path):
+    run_cli(tmp_path, "sft", *SMALL, f"run.output_dir={tmp_path / 'out'}", f"run.storage_path={where}",
+            "run.name=s1", f"data.source={_plain_file(tmp_path)}", "data.eval_fraction=0.2",
+            "train.max_steps=2", "train.checkpoint_every=1", "train.keep_checkpoints=1")
+    summary = json.loads(storage.read_text(storage.join(where, "s1", "summary.json")))
     root = storage.join(where, "s1")
     assert summary["run_dir"] == (root if storage.is_remote(where) else str(Path(where).resolve() / "s1"))
     files = _listing(root)
@@ -85,8 +100,7 @@ def test_sft_outputs_land_under_the_run_root(ray_local, where, tmp_path):
         assert name in files, (name, sorted(files))
     assert any(f.startswith("checkpoint_") for f in files), sorted(files)
     assert preempt.STOP_MARKER not in files
-    written = json.loads(storage.read_text(storage.join(root, "summary.json")))
-    assert written["eval_after"] == summary["eval_after"] and written["last_step"] == 2
+    assert summary["eval_after"] and summary["last_step"] == 2
     steps = [json.loads(line)["step"] for line in storage.read_text(storage.join(root, "metrics.jsonl")).splitlines()
              if '"loss"' in line]
     assert steps == [1, 2]
@@ -96,21 +110,21 @@ def test_sft_outputs_land_under_the_run_root(ray_local, where, tmp_path):
         return
     assert summary["model_dir"] == storage.join(root, "model")  # a URI, not s3:/...
     # the next stage loads the SFT model from its URI (fetched once per node)
-    d = train(load_config(None, SMALL + [f"run.output_dir={tmp_path / 'out'}", "run.name=d1",
-                                         f"model.name_or_path={summary['model_dir']}",
-                                         "data.synthetic_prompts=32", "data.synthetic_eval_prompts=8",
-                                         "train.max_steps=1", "train.eval_at_start=measured"]))
+    run_cli(tmp_path, "train", *SMALL, f"run.output_dir={tmp_path / 'out'}", "run.name=d1",
+            f"model.name_or_path={summary['model_dir']}", "data.synthetic_prompts=32",
+            "data.synthetic_eval_prompts=8", "train.max_steps=1", "train.eval_at_start=measured")
+    d = json.loads((tmp_path / "out" / "d1" / "summary.json").read_text())
     assert d["last_step"] == 1 and Path(d["model_dir"], "model.safetensors").exists()
     assert abs(d["eval_before"]["rewards/margins"]) < 1e-5  # started from (and referenced to) the SFT model
 
 
-def test_train_scorer_outputs_land_at_output_dir_zero3_uneven_held_out(ray_local, where, tmp_path):
-    from safedpo_ray.cli.main import main
+@pytest.mark.timeout(600)
+def test_train_scorer_outputs_land_at_output_dir_zero3_uneven_held_out(where, tmp_path):
     from safedpo_ray.models.score_model import load_score_model
 
     out = storage.join(where, "scorers")
-    assert main(["train-scorer", "--kind", "both", "--output", out, "data.synthetic_prompts=16",
-                 "data.synthetic_eval_prompts=5", "train.max_steps=2", "train.zero_stage=3", *SMALL]) == 0
+    run_cli(tmp_path, "train-scorer", "--kind", "both", "--output", out, "data.synthetic_prompts=16",
+            "data.synthetic_eval_prompts=5", "train.max_steps=2", "train.zero_stage=3", *SMALL)
     files = _listing(out)
     for kind in ("cost", "reward"):
         for name in ("config.json", "model.safetensors", "tokenizer.json"):
