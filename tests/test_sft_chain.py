@@ -39,11 +39,13 @@ def test_chain_configs_point_at_each_other():
     for size in ("tiny", "pku"):
         first = load_config(CONFIGS / f"chain-sft-{size}.yaml")
         second = load_config(CONFIGS / f"chain-safedpo-{size}.yaml")
-        assert Path(second.model.name_or_path) == Path(first.run.output_dir) / first.run.name / "model"
+        def root(cfg):  # where a run's outputs live: run.storage_path, else run.output_dir
+            return Path(cfg.run.storage_path or cfg.run.output_dir) / cfg.run.name
+
+        assert Path(second.model.name_or_path) == root(first) / "model"
         assert first.data.source == second.data.source and second.data.mode == "safedpo"
         evaluation = yaml.safe_load((CONFIGS / f"chain-eval-{size}.yaml").read_text())
-        assert evaluation["model"]["paths"] == [str(Path(first.run.output_dir) / first.run.name),
-                                                str(Path(second.run.output_dir) / second.run.name)]
+        assert evaluation["model"]["paths"] == [str(root(first)), str(root(second))]
         assert evaluation["implicit"]["beta"] == second.train.beta
 
 
