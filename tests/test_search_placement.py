@@ -102,7 +102,7 @@ def test_tune_runs_a_trial_that_reserves_no_cpu(ray_local, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_on_a_head_without_cpus_the_trial_waits_there_and_its_workers_fill_the_other_node():
+def test_on_a_head_without_cpus_a_trial_reserving_no_cpu_leaves_the_node_to_its_workers():
     """A real 2-node Ray (tests/tune_placement_cluster.py, its own processes): head 0 CPUs, a node
     of exactly the trial's 3 worker CPUs. With {"CPU": 0.01} per trial the same script's worker
     group never started (timed out after 15 s)."""
@@ -119,4 +119,7 @@ def test_on_a_head_without_cpus_the_trial_waits_there_and_its_workers_fill_the_o
     out = subprocess.run([sys.executable, str(script), "new"], env=env, capture_output=True, text=True, timeout=280)
     line = next((l for l in reversed(out.stdout.splitlines()) if l.startswith("{")), None)
     assert line, (out.stdout[-2000:], out.stderr[-2000:])
-    assert json.loads(line) == {"error": None, "trial_on_head": True, "workers_on_head": False}
+    result = json.loads(line)
+    # The trial reserves no CPU, so wherever Tune puts it (the head or the node: both were seen) its
+    # 3 workers still fit the node's 3 CPUs and the trial finishes.
+    assert result["error"] is None and result["workers_on_head"] is False, result
