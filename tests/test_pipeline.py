@@ -45,6 +45,33 @@ def test_transform_statistics_and_tokenization(ray_local, tmp_path):
     assert run("helpful").stats["eval"]["mode"] == "safedpo"
 
 
+def test_preparation_leaves_the_process_data_context_alone(ray_local, tmp_path):
+    """A preparation limits its own Ray Data CPUs to those free at the time, on its dataset's copy
+    of the DataContext: a Ray Train run started later from the same process copies the process's
+    context to its workers, and a limit of 2 CPUs left there (2 of 4 were busy here) minus the 2
+    CPUs of the workers left their Ray Data nothing: an SFT run after a preparation hung."""
+    import ray
+    from ray.data import DataContext
+
+    @ray.remote(num_cpus=2)
+    class Busy:
+        def ready(self):
+            return True
+
+    busy = Busy.remote()
+    ray.get(busy.ready.remote())
+    try:
+        limits = DataContext.get_current().execution_options.resource_limits
+        assert limits.cpu == float("inf")
+        cfg = load_config(None, ["data.synthetic_prompts=16", "data.max_length=24", "data.max_prompt_length=8",
+                                 f"run.output_dir={tmp_path}"])
+        assert prepare(cfg, tmp_path / "p").stats["train"]["pairs"] > 0
+        assert DataContext.get_current().execution_options.resource_limits.cpu == float("inf")
+        assert not DataContext.get_current().execution_options.preserve_order
+    finally:
+        ray.kill(busy)
+
+
 def test_prepared_pairs_are_reused_and_prepared_anew_when_an_input_changes(ray_local, tmp_path):
     good = {"prompt": "How do I bake bread?", "response_0": "Mix flour and water, knead, bake.",
             "response_1": "I can't help.", "is_response_0_safe": True, "is_response_1_safe": False,

@@ -430,16 +430,19 @@ def run_pipeline(chunks: list[Chunk], names: list[str], out_dir, params: dict[st
     from ray.data import ExecutionResources
 
     out_dir = Path(out_dir)
-    ctx = ray.data.DataContext.get_current()
+    specs = [{"chunk": json.dumps(asdict(c)), "seq": i} for i, c in enumerate(chunks)]
+    ds = ray.data.from_items(specs, override_num_blocks=len(specs))
+    # The options go on this dataset's own copy of the DataContext, never on the process's: a Ray
+    # Train run started from this process later copies that one to its workers, and a CPU limit
+    # read here (while other work held CPUs) left their Ray Data no CPU at all ("Cluster resources
+    # are not enough to run any task"): an SFT run after a preparation in one process hung.
+    ctx = ds.context
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.execution_options.preserve_order = True  # the prepared order is the chunks' order
     # What preparation may hold: the CPUs free now (a search's running trials keep theirs), and
     # on a local Ray no more tasks than cores (each task process imports torch and transformers).
-
     ctx.execution_options.resource_limits = ExecutionResources(cpu=parallel_cpus(free_cpus()))
-    specs = [{"chunk": json.dumps(asdict(c)), "seq": i} for i, c in enumerate(chunks)]
-    ds = ray.data.from_items(specs, override_num_blocks=len(specs))
     ds = ds.map_batches(_process_batch, batch_size=1, batch_format="numpy", fn_kwargs={"p": params},
                         num_cpus=1)  # Ray Data's default strategy, SPREAD: every node of a cluster reads
     numbers = RowNumbers(chunks)
