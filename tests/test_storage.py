@@ -91,6 +91,27 @@ def test_files_round_trip(where, s3, tmp_path, monkeypatch):
             storage.join(root, "nope"), tmp_path / "x")
 
 
+def test_a_tokenizer_is_fetched_without_the_weights(s3, tmp_path, monkeypatch):
+    """What a driver needs to tokenize: a model directory's files that are not weights (a 7B
+    model's ~13 GB stay in the store); local paths and hub ids pass through."""
+    monkeypatch.setenv("SAFEDPO_STORAGE_CACHE", str(tmp_path / "cache"))
+    model = tmp_path / "model"
+    (model / "checkpoint_1").mkdir(parents=True)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
+        (model / name).write_text(name)
+    for name in ("model.safetensors", "pytorch_model.bin", "checkpoint_1/x.pt"):
+        (model / name).write_bytes(b"\x00" * 100)
+    uri = s3.uri(f"light-{os.getpid()}")
+    storage.upload(model, uri)
+    light = Path(storage.localize_light(uri))
+    assert sorted(p.name for p in light.iterdir()) == ["config.json", "tokenizer.json", "tokenizer.model",
+                                                      "tokenizer_config.json"]
+    assert (light / "tokenizer.model").read_text() == "tokenizer.model"
+    assert storage.localize_light(uri) == str(light)  # fetched once
+    assert storage.localize_light(str(model)) == str(model)
+    assert storage.localize_light("meta-llama/Llama-2-7b-hf") == "meta-llama/Llama-2-7b-hf"
+
+
 def _log(outputs: storage.RunOutputs, step: int, **extra) -> None:
     outputs.append("metrics.jsonl", {"step": step, **extra})
 
@@ -263,3 +284,32 @@ def test_file_uri_is_a_local_root(tmp_path):
     cfg = RunConfig(output_dir=str(tmp_path / "runs"), storage_path=f"file://{tmp_path}/shared")
     assert storage.local_run_dir(cfg, "r") == tmp_path / "shared" / "r"  # written in place, no staging
     assert not storage.RunOutputs(storage.run_root(cfg, "r")).remote
+
+
+def test_a_local_model_on_a_multi_node_cluster_must_be_seen_by_every_node(tmp_path):
+    one, two = [{"NodeID": "a"}], [{"NodeID": "a"}, {"NodeID": "b", "NodeManagerAddress": "10.0.0.2"}]
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    never = lambda path, nodes: pytest.fail("nothing to probe")  # noqa: E731
+    storage.check_cluster_inputs({"model.name_or_path": str(model)}, nodes=one, probe=never)  # one machine
+    for value in ("s3://b/model", "meta-llama/Llama-2-7b-hf", None):  # fetched or downloaded on each node
+        storage.check_cluster_inputs({"model.name_or_path": value}, nodes=two, probe=never)
+    calls = []
+    shared = lambda path, nodes: calls.append(path) or []  # noqa: E731
+    storage.check_cluster_inputs({"model.name_or_path": str(model)}, nodes=two, probe=shared)
+    assert calls == [str(model.resolve())]
+    node_local = lambda path, nodes: ["b (10.0.0.2)"]  # noqa: E731
+    with pytest.raises(storage.StorageError, match=r"model.name_or_path='.*model' is on this machine's disk only: "
+                                                   r"1 of the 2 nodes.*b \(10.0.0.2\).*model.name_or_path=s3://"):
+        storage.check_cluster_inputs({"model.name_or_path": str(model)}, nodes=two, probe=node_local)
+
+
+def test_the_files_a_node_sees_are_compared_by_name_and_size(tmp_path):
+    model = tmp_path / "model"
+    (model / "sub").mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (model / "sub" / "w.bin").write_bytes(b"1234")
+    assert storage._listing(str(model)) == [("config.json", 2), ("sub/w.bin", 4)]
+    assert storage._listing(str(model / "config.json")) == [("config.json", 2)]
+    assert storage._listing(str(tmp_path / "absent")) is None

@@ -33,7 +33,6 @@ from safedpo_ray.data.tokenize import tokenize_pairs
 from safedpo_ray.data.transform import pair_category, transform_with_outcome
 from safedpo_ray.errors import UserError
 from safedpo_ray.runtime.ray_env import parallel_cpus
-from safedpo_ray.runtime.storage import localize
 
 BATCH = 1024
 ROW_BITS = 32  # pair_id = file_index << 32 | row_number: unique over every file of a run's sources
@@ -144,7 +143,7 @@ def _raw(row: dict[str, Any]) -> str:
 def _tokenizer(path: str, trust_remote_code: bool):
     from safedpo_ray.models.loading import load_tokenizer  # lazy: imports torch
 
-    return load_tokenizer(localize(path), trust_remote_code=trust_remote_code)
+    return load_tokenizer(path, trust_remote_code=trust_remote_code)  # a URI: its tokenizer files only
 
 
 _BACKENDS: dict[str, Any] = {}  # tokenizer path → BackendTokenizer, one per task process

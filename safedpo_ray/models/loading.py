@@ -15,7 +15,7 @@ from torch import nn
 
 from safedpo_ray.config.training import TINY_PRESET  # noqa: F401  (defined torch-free there; re-exported)
 from safedpo_ray.runtime.safe_loading import explain_refused_pickle, weights_kwargs
-from safedpo_ray.runtime.storage import localize
+from safedpo_ray.runtime.storage import localize, localize_light
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +151,8 @@ def load_tokenizer(name_or_path, *, gguf_file: str | None = None, trust_remote_c
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
-    tokenizer = AutoTokenizer.from_pretrained(localize(name_or_path), **kwargs)  # s3://... fetched once per node
+    # s3://...: its tokenizer and config files fetched once per node, never the weights
+    tokenizer = AutoTokenizer.from_pretrained((localize if gguf_file else localize_light)(name_or_path), **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"

@@ -199,6 +199,26 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
+
+
+def localize_light(path: str | os.PathLike) -> str:
+    """`localize` of a model directory's files other than weights (tokenizer, configs; no
+    subdirectory): what a driver needs to tokenize, without fetching a 7B model's ~13 GB to it.
+    Anything else (a local path, a hub id, a file) as `localize` gives it."""
+    import pyarrow.fs as pafs
+
+    text = str(path)
+    if not is_uri(text):
+        return text
+    fs, p = resolve(text)
+    if isinstance(fs, pafs.LocalFileSystem) or fs.get_file_info(p).type != pafs.FileType.Directory:
+        return localize(text)
+    light = sorted(Path(i.path).name for i in fs.get_file_info(pafs.FileSelector(p))
+                   if i.type == pafs.FileType.File and not i.path.endswith(WEIGHT_SUFFIXES))
+    return localize(text, parts=tuple(light))
+
+
 def localize(path: str | os.PathLike, parts: tuple[str, ...] | None = None) -> str:
     """A path this process can open: local paths and hub ids pass through; an object-store URI
     is downloaded once per node into a cache keyed by the URI and its listing (sizes, times).
@@ -477,6 +497,58 @@ def check_cluster_storage(run_cfg, *, nodes: list[dict[str, Any]] | None = None,
         raise StorageError(
             f"run.storage_path={sp!r} is a node-local path on this {len(nodes)}-node cluster: "
             f"{len(missing)} node(s) do not see files written there ({', '.join(missing)}). {WHAT_TO_SET}")
+
+
+def _listing(path: str) -> list[tuple[str, int]] | None:
+    """(relative name, size) of every file under `path` (a file: itself); None when absent."""
+    p = Path(path)
+    if p.is_file():
+        return [(p.name, p.stat().st_size)]
+    if not p.is_dir():
+        return None
+    return sorted((str(f.relative_to(p)), f.stat().st_size) for f in p.rglob("*") if f.is_file())
+
+
+def probe_same_files(path: str, nodes: list[dict[str, Any]], timeout_s: float = 60.0) -> list[str]:
+    """Ask a zero-CPU task on each node for the files under local `path` (names and sizes);
+    returns the node ids (with addresses) that do not see what this process sees."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = _listing(path)
+    look = ray.remote(num_cpus=0, max_retries=0)(_listing)
+    missing = []
+    for n in nodes:
+        label = f"{n['NodeID']} ({n.get('NodeManagerAddress', '?')})"
+        try:
+            ref = look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(path)
+            if ray.get(ref, timeout=timeout_s) != here:
+                missing.append(label)
+        except Exception:
+            missing.append(label)
+    return missing
+
+
+def check_cluster_inputs(inputs: dict[str, str | None], *, nodes: list[dict[str, Any]] | None = None,
+                         probe: Callable[[str, list[dict[str, Any]]], list[str]] = probe_same_files) -> None:
+    """Refuse a local file or directory given as an input of remote work (a model the workers
+    load, keyed by its config key) on a cluster of several nodes unless every node sees the same
+    files there (a shared mount): the workers may run on any node. URIs are fetched on each node
+    and hub ids downloaded there, so both pass."""
+    local = {k: v for k, v in inputs.items() if v and not is_remote(v) and Path(v).exists()}
+    if not local:
+        return
+    nodes = alive_nodes() if nodes is None else nodes
+    if len(nodes) <= 1:
+        return
+    for key, value in local.items():
+        missing = probe(str(Path(value).resolve()), nodes)
+        if missing:
+            raise StorageError(
+                f"{key}={value!r} is on this machine's disk only: {len(missing)} of the {len(nodes)} nodes of this "
+                f"cluster do not see the same files there ({', '.join(missing)}), and the workers may run on any "
+                f"of them. Copy it to an object store or a filesystem every node mounts and give that: "
+                f"{key}=s3://BUCKET/PREFIX (fetched once per node) or {key}=/mnt/shared/...")
 
 
 def current_node_id() -> str | None:

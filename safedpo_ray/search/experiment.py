@@ -295,6 +295,7 @@ def run_experiment(spec: SearchSpec, base: Config, *, resume: str | None = None)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     ensure_ray(base.run)
     storage.check_cluster_storage(base.run)  # several nodes: the experiment needs shared storage
+    storage.check_cluster_inputs({"model.name_or_path": base.model.name_or_path})  # ... and inputs too
     fit_plan = trial_placement(base, local)  # a trial that can never be placed stops here
     print(f"[safedpo] one trial: {base.run.num_workers} worker(s) of {fit_plan.worker}; the cluster holds "
           f"{fit_plan.max_trials} trial(s) at once", flush=True)

@@ -324,6 +324,7 @@ def _train_scorer(cfg: ScorerConfig, root: str, out: Path, t0: float) -> dict[st
     preempt.rearm()  # ray.init replaced our SIGTERM/SIGINT handlers (train/preempt.py)
     preempt.without_checkpoints("train-scorer")  # a signal's message: stopping after this step
     check_cluster_output(cfg, root)
+    run_storage.check_cluster_inputs({"scorer.base_model": cfg.scorer.base_model})  # the workers load it
     # an object-store root: config, quarantine and a built backbone uploaded; base is then its URI,
     # which Ray Data's tasks and the workers load on any node
     base = run_storage.publish_driver_files(root, out, base)

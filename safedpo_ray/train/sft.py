@@ -116,6 +116,7 @@ def sft(cfg: Config) -> dict[str, Any]:
     preempt.rearm()  # ray.init replaced our SIGTERM/SIGINT handlers
     _check_resources(cfg)
     run_storage.check_cluster_storage(cfg.run)  # several nodes: outputs need shared storage
+    run_storage.check_cluster_inputs({"model.name_or_path": cfg.model.name_or_path})  # ... and inputs too
     root = run_storage.run_root(cfg.run, cfg.run.name)
     prepared = prepare_sft(cfg, run_dir, root)
     for ds in prepared.datasets.values():

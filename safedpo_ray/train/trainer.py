@@ -335,6 +335,7 @@ def train(cfg: Config) -> dict[str, Any]:
     preempt.rearm()  # ray.init replaced our SIGTERM/SIGINT handlers (train/preempt.py)
     _check_resources(cfg)
     run_storage.check_cluster_storage(cfg.run)  # several nodes: outputs need shared storage
+    run_storage.check_cluster_inputs({"model.name_or_path": cfg.model.name_or_path})  # ... and inputs too
     root = run_storage.run_root(cfg.run, cfg.run.name)
     if overlaps_preparation(cfg, plan, model.result().path):
         return train_while_preparing(cfg, run_dir, plan, model, storage=storage, started=t0, root=root)
