@@ -46,10 +46,9 @@ def test_transform_statistics_and_tokenization(ray_local, tmp_path):
 
 
 def test_preparation_leaves_the_process_data_context_alone(ray_local, tmp_path):
-    """A preparation limits its own Ray Data CPUs to those free at the time, on its dataset's copy
-    of the DataContext: a Ray Train run started later from the same process copies the process's
-    context to its workers, and a limit of 2 CPUs left there (2 of 4 were busy here) minus the 2
-    CPUs of the workers left their Ray Data nothing: an SFT run after a preparation hung."""
+    """A preparation limits its own Ray Data CPUs to those free at the time (2 of 4 here) on its
+    dataset's copy of the DataContext: the limit and preserve_order do not stay on the process's
+    context for every later Ray Data pass of the same process."""
     import ray
     from ray.data import DataContext
 

@@ -431,10 +431,9 @@ def run_pipeline(chunks: list[Chunk], names: list[str], out_dir, params: dict[st
     out_dir = Path(out_dir)
     specs = [{"chunk": json.dumps(asdict(c)), "seq": i} for i, c in enumerate(chunks)]
     ds = ray.data.from_items(specs, override_num_blocks=len(specs))
-    # The options go on this dataset's own copy of the DataContext, never on the process's: a Ray
-    # Train run started from this process later copies that one to its workers, and a CPU limit
-    # read here (while other work held CPUs) left their Ray Data no CPU at all ("Cluster resources
-    # are not enough to run any task"): an SFT run after a preparation in one process hung.
+    # The options go on this dataset's own copy of the DataContext, never on the process's: set
+    # there, the CPU limit read now (while other work held CPUs) and preserve_order stayed on every
+    # later Ray Data pass of this process (a search's scoring, an evaluation after training).
     ctx = ds.context
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
