@@ -28,7 +28,6 @@ def _start_session_ray():
     import ray
 
     from safedpo_ray.config.training import RunConfig
-    from safedpo_ray.runtime import ray_env
     from safedpo_ray.runtime.ray_env import ensure_ray
 
     if ray.is_initialized():
@@ -38,10 +37,6 @@ def _start_session_ray():
              f"restarting the session's Ray with {SESSION_CPUS}")
         ray.shutdown()
     ensure_ray(RunConfig(num_workers=2, local_num_cpus=SESSION_CPUS))
-    # The session owns this Ray, not the commands its tests run in-process: one that thought it had
-    # started it (ray_env.started_here) would shut it down at its end, and the next test would get
-    # a Ray of the machine's CPUs from whatever starts one.
-    ray_env._started_here = False
 
 
 @pytest.fixture(scope="session")

@@ -134,3 +134,15 @@ def test_only_ray_commands_get_a_console_and_verbose(monkeypatch):
     monkeypatch.setattr(console, "start", lambda *a, **k: started.append(a))
     assert main(["config", "train.beta=0.2"]) == 0
     assert started == []  # config runs no Ray: no console session
+
+
+def test_a_command_leaves_running_a_ray_that_was_up_before_it(ray_local, tmp_path):
+    """A command run in-process (a notebook, a test session) on a Ray its caller started stops
+    nothing at its end: the last CI's order-dependent failures came from a command that shut the
+    session's Ray down, after which the next test started a 2-CPU one."""
+    from safedpo_ray.cli.main import main
+
+    assert main(["prepare", "data.synthetic_prompts=8", "data.synthetic_eval_prompts=4", "data.max_length=32",
+                 "data.max_prompt_length=16", f"run.output_dir={tmp_path}"]) == 0
+    assert ray_local.is_initialized()
+

@@ -86,6 +86,9 @@ class Session:
         self.handler = _FileHandler(self)
         self.undo: list[Callable[[], None]] = []
         self.ray_print: Callable | None = None
+        ray = sys.modules.get("ray")
+        # a Ray up before this command (a caller's, e.g. a notebook or a test session) is not ours to stop
+        self.ray_was_up = bool(ray is not None and getattr(ray, "is_initialized", lambda: False)())
 
     # -- the file ------------------------------------------------------------------------------
     def write(self, text: str) -> None:
@@ -269,7 +272,7 @@ class Session:
 
     # -- the end -------------------------------------------------------------------------------
     def finish(self, failed: bool = False) -> None:
-        if ray_env.started_here():  # the command that started Ray stops it, while its output still comes here
+        if ray_env.started_here() and not self.ray_was_up:  # the command that started Ray stops it, while its output still comes here
             try:
                 ray_env.shutdown()
             except Exception:  # pragma: no cover
