@@ -1,5 +1,6 @@
-"""`sft` and `train-scorer` put every output under their root, as `train` does: a shared path or an
-object store (moto's S3 server, tests/s3_server.py), where rank 0 stages and uploads. The scorer
+"""`train-scorer` puts every output under its root, as `train` does: a shared path or an object
+store (moto's S3 server, tests/s3_server.py), where rank 0 stages and uploads. (`sft`'s outputs
+in S3, and `train` from the SFT model's URI: tests/test_isolated_cluster.py, on a cluster.) The scorer
 runs ZeRO-3 with 2 workers and a held-out set of 5 pairs, which the ranks split 3/2 (micro-batches
 of 2: 2 and 1 held-out forwards before, when ZeRO-3's collective forwards were out of step; now 2
 and 2, the summary's eval_forwards_per_rank). On this CPU/gloo setup the old uneven loop did not
@@ -20,9 +21,7 @@ from pathlib import Path
 import pytest
 from s3_server import S3Server
 
-from safedpo_ray.data.synthetic import make_synthetic_rows
 from safedpo_ray.runtime import storage
-from safedpo_ray.train import preempt
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -72,50 +71,6 @@ def _listing(root: str) -> set[str]:
 
     fs, path = storage.resolve(root)
     return {i.path[len(path.rstrip("/")) + 1:] for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))}
-
-
-def _plain_file(tmp_path: Path) -> Path:
-    data = tmp_path / "sft.jsonl"
-    with data.open("w") as f:
-        for r in make_synthetic_rows(40, seed=1, split="train"):
-            safe = [r[f"response_{i}"] for i in (0, 1) if r[f"is_response_{i}_safe"]]
-            if safe:
-                f.write(json.dumps({"prompt": r["prompt"], "response": safe[0], "source": "x"}) + "\n")
-        f.write('{"prompt": "no response"}\n')  # quarantined
-    return data
-
-
-@pytest.mark.timeout(900)
-def test_sft_outputs_land_under_the_run_root(where, tmp_path):
-    run_cli(tmp_path, "sft", *SMALL, f"run.output_dir={tmp_path / 'out'}", f"run.storage_path={where}",
-            "run.name=s1", f"data.source={_plain_file(tmp_path)}", "data.eval_fraction=0.2",
-            "train.max_steps=2", "train.checkpoint_every=1", "train.keep_checkpoints=1")
-    summary = json.loads(storage.read_text(storage.join(where, "s1", "summary.json")))
-    root = storage.join(where, "s1")
-    assert summary["run_dir"] == (root if storage.is_remote(where) else str(Path(where).resolve() / "s1"))
-    files = _listing(root)
-    for name in ("config.yaml", "data_stats.json", "quarantine.jsonl", "summary.json", "metrics.jsonl",
-                 "train_result.json", "model/model.safetensors", "model/config.json", "model/tokenizer.json",
-                 "init-model/model.safetensors"):
-        assert name in files, (name, sorted(files))
-    assert any(f.startswith("checkpoint_") for f in files), sorted(files)
-    assert preempt.STOP_MARKER not in files
-    assert summary["eval_after"] and summary["last_step"] == 2
-    steps = [json.loads(line)["step"] for line in storage.read_text(storage.join(root, "metrics.jsonl")).splitlines()
-             if '"loss"' in line]
-    assert steps == [1, 2]
-    if not storage.is_remote(where):
-        assert Path(summary["model_dir"]) == Path(where).resolve() / "s1" / "model"
-        assert not (tmp_path / "out" / "s1").exists()  # nothing beside the root
-        return
-    assert summary["model_dir"] == storage.join(root, "model")  # a URI, not s3:/...
-    # the next stage loads the SFT model from its URI (fetched once per node)
-    run_cli(tmp_path, "train", *SMALL, f"run.output_dir={tmp_path / 'out'}", "run.name=d1",
-            f"model.name_or_path={summary['model_dir']}", "data.synthetic_prompts=32",
-            "data.synthetic_eval_prompts=8", "train.max_steps=1", "train.eval_at_start=measured")
-    d = json.loads((tmp_path / "out" / "d1" / "summary.json").read_text())
-    assert d["last_step"] == 1 and Path(d["model_dir"], "model.safetensors").exists()
-    assert abs(d["eval_before"]["rewards/margins"]) < 1e-5  # started from (and referenced to) the SFT model
 
 
 @pytest.mark.timeout(600)
