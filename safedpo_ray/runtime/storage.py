@@ -440,32 +440,39 @@ def _sees_marker(path: str, token: str) -> bool:
         return False
 
 
-def probe_shared(path: str, nodes: list[dict[str, Any]], timeout_s: float = 60.0) -> list[str]:
-    """Write a marker under local `path` and ask a zero-CPU task on each node whether it sees it;
-    returns the node ids (with addresses) that do not."""
+def _nodes_not_answering(fn: Callable[..., Any], args: tuple, expected: Any, nodes: list[dict[str, Any]],
+                         timeout_s: float) -> list[str]:
+    """Run `fn(*args)` as a zero-CPU task on each node at once; the node ids (with addresses)
+    whose answer is not `expected` (or that gave none within `timeout_s`)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    task = ray.remote(num_cpus=0, max_retries=0)(fn)
+    refs = {
+        f"{n['NodeID']} ({n.get('NodeManagerAddress', '?')})": task.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+        ).remote(*args)
+        for n in nodes
+    }
+    missing = []
+    for label, ref in refs.items():
+        try:
+            if ray.get(ref, timeout=timeout_s) != expected:
+                missing.append(label)
+        except Exception:
+            missing.append(label)
+    return missing
+
+
+def probe_shared(path: str, nodes: list[dict[str, Any]], timeout_s: float = 60.0) -> list[str]:
+    """Write a marker under local `path` and ask a zero-CPU task on each node whether it sees it;
+    returns the node ids (with addresses) that do not."""
     Path(path).mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex
     marker = Path(path) / f".safedpo-shared-check-{token}"
     marker.write_text(token)
     try:
-        check = ray.remote(num_cpus=0, max_retries=0)(_sees_marker)
-        refs = {
-            f"{n['NodeID']} ({n.get('NodeManagerAddress', '?')})": check.options(
-                scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
-            ).remote(str(marker), token)
-            for n in nodes
-        }
-        missing = []
-        for label, ref in refs.items():
-            try:
-                if not ray.get(ref, timeout=timeout_s):
-                    missing.append(label)
-            except Exception:
-                missing.append(label)
-        return missing
+        return _nodes_not_answering(_sees_marker, (str(marker), token), True, nodes, timeout_s)
     finally:
         marker.unlink(missing_ok=True)
 
@@ -512,21 +519,7 @@ def _listing(path: str) -> list[tuple[str, int]] | None:
 def probe_same_files(path: str, nodes: list[dict[str, Any]], timeout_s: float = 60.0) -> list[str]:
     """Ask a zero-CPU task on each node for the files under local `path` (names and sizes);
     returns the node ids (with addresses) that do not see what this process sees."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    here = _listing(path)
-    look = ray.remote(num_cpus=0, max_retries=0)(_listing)
-    missing = []
-    for n in nodes:
-        label = f"{n['NodeID']} ({n.get('NodeManagerAddress', '?')})"
-        try:
-            ref = look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(path)
-            if ray.get(ref, timeout=timeout_s) != here:
-                missing.append(label)
-        except Exception:
-            missing.append(label)
-    return missing
+    return _nodes_not_answering(_listing, (path,), _listing(path), nodes, timeout_s)
 
 
 def check_cluster_inputs(inputs: dict[str, str | None], *, nodes: list[dict[str, Any]] | None = None,
