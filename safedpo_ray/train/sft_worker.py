@@ -36,7 +36,7 @@ from safedpo_ray.train import preempt
 from safedpo_ray.train.metrics_log import MetricsLog
 from safedpo_ray.train.sampler import PairSampler, rank_batches
 from safedpo_ray.train.strategy import DeepSpeedStrategy
-from safedpo_ray.train.worker import restore_checkpoint
+from safedpo_ray.train.worker import gather_node_ids, restore_checkpoint
 
 
 def load_examples(shard) -> list[dict[str, Any]]:
@@ -173,6 +173,7 @@ class SftWorker:
     def run(self) -> dict[str, Any]:
         cfg, s = self.cfg, self.strategy
         state, start = restore_checkpoint(s)
+        worker_nodes = gather_node_ids(s)
         log = None
         if s.is_rank0:
             self.outputs.restore(start)  # logs cut back to this checkpoint: no step is logged twice
@@ -191,6 +192,8 @@ class SftWorker:
         for step in range(start, stop):
             metrics = self.train_step(step)
             done = step + 1
+            if cfg.train.step_delay_s:
+                time.sleep(cfg.train.step_delay_s)  # debug: room to lose a node between checkpoints
             if log and (done % cfg.train.log_every == 0 or done == stop):
                 log.log(done, metrics)
                 print(f"[sft] step {done}/{self.total_steps} epoch {metrics['epoch']} loss {metrics['loss']:.4f} "
@@ -208,7 +211,8 @@ class SftWorker:
                 if request.ends_run:
                     stop = done
                     break
-        result: dict[str, Any] = {"eval_before": state["eval_before"], "last_step": stop}
+        result: dict[str, Any] = {"eval_before": state["eval_before"], "last_step": stop,
+                                  "resumed_at_step": start, "worker_nodes": worker_nodes}  # this attempt's
         if stop == self.total_steps:
             result["eval_after"] = self.evaluate()
             result["model_dir"] = str(self.export())

@@ -52,6 +52,18 @@ def total_steps_for(cfg: Config, sampler: PairSampler) -> int:
     return min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
 
 
+def gather_node_ids(strategy) -> list[str | None]:
+    """The Ray node of every rank, in rank order (all ranks call this together)."""
+    import torch.distributed as dist
+
+    mine = current_node_id()
+    if not (dist.is_initialized() and strategy.world_size > 1):
+        return [mine]
+    nodes: list[Any] = [None] * strategy.world_size
+    dist.all_gather_object(nodes, mine)
+    return nodes
+
+
 def restore_checkpoint(strategy: DeepSpeedStrategy) -> tuple[dict[str, Any], int]:
     """The client state and step of the run's newest intact checkpoint ({} and 0 on a fresh
     start); damaged or partly written ones are skipped with a warning (train/checkpoints.py)."""
@@ -252,17 +264,6 @@ class Worker:
         held_out = {"eval/" + k: v for k, v in state.get("eval_last", state.get("eval_before", {})).items()}
         return {**metrics, **held_out, "step": step}
 
-    def gather_node_ids(self) -> list[str | None]:
-        """The Ray node of every rank, in rank order (all ranks call this together)."""
-        import torch.distributed as dist
-
-        mine = current_node_id()
-        if not (dist.is_initialized() and self.strategy.world_size > 1):
-            return [mine]
-        nodes: list[Any] = [None] * self.strategy.world_size
-        dist.all_gather_object(nodes, mine)
-        return nodes
-
     def record_pairs(self, step: int, done: int) -> None:
         """train.record_pairs: every rank puts the pair_ids it trains at `step` in their slots of
         the global batch, one all-reduce, rank 0 appends them to pairs.jsonl (all ranks call)."""
@@ -290,7 +291,7 @@ class Worker:
 
         cfg, s = self.cfg, self.strategy
         state, start = restore_checkpoint(s)
-        worker_nodes = self.gather_node_ids()
+        worker_nodes = gather_node_ids(s)
         log = None
         if s.is_rank0:
             self.outputs.restore(start)  # logs cut back to this checkpoint: no step is logged twice
