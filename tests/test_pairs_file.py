@@ -74,3 +74,27 @@ def test_reference_logps_must_match_the_pairs(tmp_path):
 def test_pair_ids_encode_file_and_row():
     assert row_location(pair_id(5, 123456)) == (5, 123456)
     assert pair_id(0, 7) == 7 and pair_id(1, 1) > pair_id(0, 2**31)
+
+
+def test_sft_and_scorer_examples_are_written_in_id_order_and_read_by_position(tmp_path, ray_local):
+    """sft and train-scorer hand their tokenized rows to the workers as train does its pairs: one
+    Arrow file (written by the driver from the Ray Dataset, ordered by id) every worker maps."""
+    import ray.data
+
+    from safedpo_ray.data.pairs import RowTable
+    from safedpo_ray.data.pairs import write_split as write_rows
+
+    rng = np.random.default_rng(0)
+    rows = [{"example_id": int(i), "prompt_ids": rng.integers(0, 500, rng.integers(1, 9)).tolist(),
+             "response_ids": rng.integers(0, 500, rng.integers(1, 9)).tolist(), "unsafe": bool(i % 3 == 0)}
+            for i in rng.permutation(50)]
+    ds = ray.data.from_items(rows, override_num_blocks=4).materialize()  # blocks in no id order
+    assert write_rows(ds, tmp_path / "data" / "train.arrow", order_by="example_id") == 50
+    table = RowTable(str(tmp_path / "data" / "train.arrow"), ["example_id", "prompt_ids", "response_ids", "unsafe"])
+    by_id = {r["example_id"]: r for r in rows}
+    assert len(table) == 50
+    assert [table[i]["example_id"] for i in range(50)] == list(range(50))
+    for i in (0, 17, 49):
+        assert table[i] == by_id[i] and isinstance(table[i]["prompt_ids"], list)
+    with pytest.raises(ValueError, match="no rows"):
+        write_rows(ds.limit(0).materialize(), tmp_path / "empty.arrow", order_by="example_id")

@@ -8,6 +8,7 @@ exact-resume and batch-invariance contract rests on it.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,3 +54,33 @@ class PairTable:
         if self.ref is not None:
             out["ref_chosen_logps"], out["ref_rejected_logps"] = self.ref[0][idx], self.ref[1][idx]
         return out
+
+
+def write_split(dataset, path: Path, order_by: str) -> int:
+    """A materialized Ray Dataset as one Arrow IPC file in `order_by` order, the fixed order the
+    sampler's positions index (the driver writes it; every worker memory-maps it, as it does the
+    prepared pairs). Returns its rows."""
+    import ray
+
+    tables = [t for t in ray.get(dataset.to_arrow_refs()) if t.num_rows]
+    if not tables:
+        raise ValueError(f"no rows to write to {path}")
+    table = pa.concat_tables(tables, promote_options="default").combine_chunks().sort_by(order_by)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    return table.num_rows
+
+
+class RowTable:
+    """The rows of a split file by position, each a dict (list columns as lists): what the SFT
+    and score-model workers index with their PairSampler."""
+
+    def __init__(self, uri: str, columns: list[str]):
+        self.table = open_split(uri).select(columns)
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {k: v[0] for k, v in self.table.slice(int(i), 1).to_pydict().items()}

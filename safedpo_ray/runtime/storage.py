@@ -326,6 +326,17 @@ def publish_driver_files(root: str, run_dir: Path, model_path: str) -> str:
     return join(root, *rel.parts)
 
 
+def publish_file(root: str, run_dir: Path, *parts: str) -> str:
+    """A file the driver wrote at `run_dir/parts` as workers on any node address it: uploaded to
+    an object-store root (its URI), else its path (the run directory is the root)."""
+    local = run_dir.joinpath(*parts)
+    if not is_remote(root):
+        return str(local.resolve())
+    uri = join(root, *parts)
+    upload(local, uri)
+    return uri
+
+
 def save_json(root: str, run_dir: Path, name: str, data: Any) -> None:
     """Write `name` into the driver's run directory and, when the root is elsewhere, the root."""
     text = json.dumps(data, indent=2)

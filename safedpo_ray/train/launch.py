@@ -12,8 +12,10 @@ failure handling) and call `launch`. Each of them therefore gets, by constructio
 - stopping: SIGTERM/SIGINT on the driver asks the workers for a checkpoint and a stop, a
   worker's own SIGTERM (its node going away) checkpoints first (train/preempt.py); a user error
   raised on a worker reaches the user as its one sentence.
-Data reaches the workers in one of two ways, both chosen by the job: files every worker
-memory-maps (prepared pairs) or small Ray Datasets every worker reads whole (`datasets`).
+Data reaches the workers one way: Arrow files under the run's storage (the prepared pairs of
+`train` and Tune trials, the tokenized examples of `sft` and pairs of `train-scorer`), named in
+the loop config and memory-mapped by every worker (fetched once per node from an object store;
+data/pairs.py), each worker taking its share by index (train/sampler.py).
 """
 
 from __future__ import annotations
@@ -38,8 +40,6 @@ class Launch:
     root: str
     """The run's own root (local path or URI): where the driver's stop marker is written."""
     keep_checkpoints: int | None = None
-    datasets: dict[str, Any] | None = None
-    """Ray Datasets every worker reads whole and picks its share of by index (train/sampler.py)."""
     callbacks: list = field(default_factory=list)
     """More Ray Train callbacks (a Tune trial passes its reporter)."""
 
@@ -55,19 +55,10 @@ def resources_per_worker(run) -> dict[str, float]:
 
 def trainer_for(job: Launch):
     """The `TorchTrainer` for a job (built, not started)."""
-    from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig  # lazy: imports ray
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig  # lazy: imports ray
     from ray.train.torch import TorchConfig, TorchTrainer
 
     run = job.cfg.run
-    extra: dict[str, Any] = {}
-    if job.datasets is not None:
-        from ray.data import ExecutionOptions
-
-        extra["datasets"] = job.datasets
-        # Every worker holds every example and takes its share by index (train/sampler.py).
-        # Our own ExecutionOptions: Ray Train's defaults copy DataContext's and set the deprecated
-        # `exclude_resources` (a RayDeprecationWarning from every run).
-        extra["dataset_config"] = DataConfig(datasets_to_split=[], execution_options=ExecutionOptions())
     return TorchTrainer(
         job.loop,
         train_loop_config=job.loop_config,
@@ -81,7 +72,6 @@ def trainer_for(job: Launch):
             # + each worker's SIGTERM handler: checkpoint first (train/preempt.py)
             callbacks=[*job.callbacks, *preempt.worker_callbacks(run.stop_timeout_s)],
         ),
-        **extra,
     )
 
 

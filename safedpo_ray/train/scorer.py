@@ -40,12 +40,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
 from safedpo_ray.config.evaluation import ScorerConfig, dump_yaml, scorer_config_from_dict
+from safedpo_ray.data.pairs import RowTable, write_split
 from safedpo_ray.data.score_inputs import encode_for_score, pad_right
 from safedpo_ray.models.loading import TINY_PRESET, build_tiny_model, load_model, load_tokenizer
 from safedpo_ray.models.resolve import EvalError
@@ -134,15 +134,6 @@ def tokenize_rows(rows: list[dict[str, Any]], tokenizer_path: str, max_length: i
     return ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
         _tokenize_batch, batch_format="pandas", batch_size=batch_size,
         fn_kwargs={"tokenizer_path": tokenizer_path, "max_length": max_length}).materialize()
-
-
-def _load_rows(shard) -> list[dict[str, Any]]:
-    rows = []
-    for batch in shard.iter_batches(batch_size=1024, batch_format="numpy"):
-        for i in range(len(batch["pair_id"])):
-            rows.append({k: (np.asarray(batch[k][i]).tolist() if k.startswith("ids_") else int(batch[k][i]))
-                         for k in SCORER_COLUMNS})
-    return sorted(rows, key=lambda r: r["pair_id"])
 
 
 # --------------------------------------------------------------------------- worker
@@ -239,17 +230,15 @@ def train_one(kind: str, cfg: ScorerConfig, model_path: str, outputs: run_storag
 
 def scorer_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     """What each Ray Train worker runs: every requested score model, one after the other, in one
-    worker group (one start-up and one dataset read for both)."""
+    worker group (one start-up and one mapping of the pairs for both)."""
     import gc
-
-    import ray.train
-
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cfg = scorer_config_from_dict(loop_config["config"])
     tokenizer = load_tokenizer(loop_config["model_path"])
-    train_rows = _load_rows(ray.train.get_dataset_shard("train"))
-    eval_rows = _load_rows(ray.train.get_dataset_shard("eval"))
+    files = loop_config["pairs"]  # the tokenized pairs, memory-mapped (ordered by pair_id)
+    train_rows = RowTable(files["train"], SCORER_COLUMNS)
+    eval_rows = RowTable(files["eval"], SCORER_COLUMNS) if files.get("eval") else []
     # Rank 0 writes the models here: the output root, or a node-local staging dir uploaded to it.
     outputs = run_storage.RunOutputs(loop_config["output_dir"], name="scorers")
     results = {}
@@ -328,18 +317,23 @@ def _train_scorer(cfg: ScorerConfig, root: str, out: Path, t0: float) -> dict[st
     # an object-store root: config, quarantine and a built backbone uploaded; base is then its URI,
     # which Ray Data's tasks and the workers load on any node
     base = run_storage.publish_driver_files(root, out, base)
-    datasets = {"train": tokenize_rows(train_v.rows, base, cfg.data.max_length, cfg.data.tokenize_batch_size)}
-    datasets["eval"] = (tokenize_rows(eval_v.rows, base, cfg.data.max_length, cfg.data.tokenize_batch_size)
-                        if eval_v.rows else datasets["train"].limit(0).materialize())
+    # The tokenized pairs as files every worker memory-maps (under the output root: on any node)
+    pairs = {}
+    for split, rows in (("train", train_v.rows), ("eval", eval_v.rows)):
+        if rows:
+            write_split(tokenize_rows(rows, base, cfg.data.max_length, cfg.data.tokenize_batch_size),
+                        out / "data" / f"{split}.arrow", order_by="pair_id")
+            pairs[split] = run_storage.publish_file(root, out, "data", f"{split}.arrow")
     kinds = ["cost", "reward"] if cfg.scorer.kind == "both" else [cfg.scorer.kind]
     summary: dict[str, Any] = {"output_dir": root, "base_model": base, "train_pairs": len(train_v.rows),
                                "eval_pairs": len(eval_v.rows)}
     default_storage = run_storage.join(root, "ray") if run_storage.is_remote(root) else str(out / "ray")
-    # every worker reads every pair and the PairSampler picks its share (fixed order)
+    # every worker maps every pair and the PairSampler picks its share (fixed order)
     result = launch(Launch(
-        scorer_loop, {"config": cfg.to_dict(), "kinds": kinds, "model_path": base, "output_dir": root},
+        scorer_loop, {"config": cfg.to_dict(), "kinds": kinds, "model_path": base, "output_dir": root,
+                      "pairs": pairs},
         cfg, name=f"scorer-{'-'.join(kinds)}-{time.strftime('%Y%m%d-%H%M%S')}",
-        storage_path=cfg.run.storage_path or default_storage, root=root, datasets=datasets))
+        storage_path=cfg.run.storage_path or default_storage, root=root))
     summary["models"] = result.return_value or {}
     summary["wall_time_s"] = round(time.time() - t0, 1)
     stopped = [m for m in summary["models"].values() if m.get("stopped_early")]

@@ -15,7 +15,8 @@ covers response tokens only. `<run>/model` is a full Hugging Face model: pass it
 Every output lands under the run root exactly as `train`'s do (runtime/storage.py):
 `<run.output_dir>/<name>`, or `<run.storage_path>/<name>` on a shared path or an object store
 (s3://, gs://...). The driver writes config.yaml, quarantine.jsonl, data_stats.json, the tiny
-preset's init-model/ and summary.json; rank 0 writes metrics.jsonl, tensorboard/, model/
+preset's init-model/, data/{train,eval}.arrow (the tokenized examples the workers memory-map)
+and summary.json; rank 0 writes metrics.jsonl, tensorboard/, model/
 (adapter/) and train_result.json through `RunOutputs` (staged and uploaded with an object store);
 Ray Train writes the checkpoints. With an object store, summary.json's model_dir is the model's
 URI, which `safedpo-ray train model.name_or_path=<URI>` loads (fetched once per node).
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from safedpo_ray.config.training import Config, dump_config
+from safedpo_ray.data.pairs import write_split
 from safedpo_ray.data.pipeline import DataError, read_splits, validate_rows, write_quarantine
 from safedpo_ray.data.schema import SchemaError
 from safedpo_ray.data.sft import PLAIN, SFT_COLUMNS, examples_dataset, format_sft_stats, sft_schema, validate_plain_rows
@@ -50,7 +52,7 @@ def _validate(rows: list[dict[str, Any]], cfg: Config, split: str):
 
 @dataclass
 class Prepared:
-    """SFT examples as materialized Ray Datasets (a small set of safe responses)."""
+    """SFT examples as materialized Ray Datasets (written to data/*.arrow for the workers)."""
     datasets: dict[str, Any]
     stats: dict[str, Any]
     model_path: str
@@ -119,15 +121,17 @@ def sft(cfg: Config) -> dict[str, Any]:
     run_storage.check_cluster_inputs({"model.name_or_path": cfg.model.name_or_path})  # ... and inputs too
     root = run_storage.run_root(cfg.run, cfg.run.name)
     prepared = prepare_sft(cfg, run_dir, root)
-    for ds in prepared.datasets.values():
-        ds.context.enable_progress_bars = False
+    # The tokenized examples as files every worker memory-maps (in the run root: on any node)
+    examples = {}
+    for split, ds in prepared.datasets.items():
+        write_split(ds.select_columns(SFT_COLUMNS), run_dir / "data" / f"{split}.arrow", order_by="example_id")
+        examples[split] = run_storage.publish_file(root, run_dir, "data", f"{split}.arrow")
     result = launch(Launch(
         sft_loop,
         {"config": cfg.to_dict(), "model_path": prepared.model_path, "run_dir": str(run_dir),
          "storage_root": root,  # where rank 0's outputs go
-         "has_eval": "eval" in prepared.datasets},
-        cfg, name=cfg.run.name, storage_path=storage, root=root, keep_checkpoints=cfg.train.keep_checkpoints,
-        datasets={k: v.select_columns(SFT_COLUMNS) for k, v in prepared.datasets.items()}))
+         "examples": examples},
+        cfg, name=cfg.run.name, storage_path=storage, root=root, keep_checkpoints=cfg.train.keep_checkpoints))
     # Rank 0's result as written to the run storage (it may have run on another node).
     summary = {"run_dir": root, "stage": "sft", "data": prepared.stats,
                **run_storage.collect_result(root, result.return_value), "wall_time_s": round(time.time() - t0, 1)}

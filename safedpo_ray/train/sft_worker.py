@@ -4,8 +4,8 @@ Same pieces as the preference worker (train/worker.py): DeepSpeedStrategy for ev
 models.py for loading/LoRA/export, PairSampler for the (seed, step) → examples order that makes
 resume exact, MetricsLog for metrics, checkpoints through ray.train.report, RunOutputs for where
 rank 0 writes (the run root, or a node-local staging directory uploaded to an object-store root).
-Receives {"config": Config.to_dict(), "model_path", "run_dir", "storage_root", "has_eval"};
-datasets "train"/"eval".
+Receives {"config": Config.to_dict(), "model_path", "run_dir", "storage_root", "examples": {"train":
+path or URI, "eval": ...}}: the tokenized examples as Arrow files every worker memory-maps.
 
 The loss of a step is the mean negative log-likelihood over every response token of the global
 batch (all ranks and accumulation steps), not a mean of per-micro-batch means, so the numbers do
@@ -23,12 +23,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from safedpo_ray.config.training import Config, config_from_dict
 from safedpo_ray.core.logprobs import sequence_logps
-from safedpo_ray.data.sft import collate_examples
+from safedpo_ray.data.pairs import RowTable
+from safedpo_ray.data.sft import SFT_COLUMNS, collate_examples
 from safedpo_ray.models.loading import apply_lora_config, export_model, is_peft_model, load_model, load_tokenizer
 from safedpo_ray.models.precision import weights_dtype
 from safedpo_ray.runtime.storage import RunOutputs
@@ -37,19 +37,6 @@ from safedpo_ray.train.metrics_log import MetricsLog
 from safedpo_ray.train.sampler import PairSampler, rank_batches
 from safedpo_ray.train.strategy import DeepSpeedStrategy
 from safedpo_ray.train.worker import gather_node_ids, restore_checkpoint
-
-
-def load_examples(shard) -> list[dict[str, Any]]:
-    """The whole tokenized split in memory, ordered by example_id (a fixed order for the sampler)."""
-    rows: list[dict[str, Any]] = []
-    for batch in shard.iter_batches(batch_size=1024, batch_format="numpy"):
-        for i in range(len(batch["example_id"])):
-            rows.append({"example_id": int(batch["example_id"][i]),
-                         "prompt_ids": np.asarray(batch["prompt_ids"][i]).tolist(),
-                         "response_ids": np.asarray(batch["response_ids"][i]).tolist(),
-                         "unsafe": bool(batch["unsafe"][i])})
-    rows.sort(key=lambda r: r["example_id"])
-    return rows
 
 
 def response_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,8 +61,6 @@ def build_policy(cfg: Config, model_path: str):
 
 class SftWorker:
     def __init__(self, loop_config: dict[str, Any]):
-        import ray.train
-
         self.cfg = cfg = config_from_dict(loop_config["config"])
         # Rank 0 writes the run's outputs here: the run root, or a node-local staging dir uploaded to it.
         self.outputs = RunOutputs(loop_config.get("storage_root") or loop_config["run_dir"], name=cfg.run.name)
@@ -85,8 +70,10 @@ class SftWorker:
         torch.manual_seed(cfg.train.seed)
         self.tokenizer, model = build_policy(cfg, loop_config["model_path"])
         self.pad_id = self.tokenizer.pad_token_id
-        self.train_rows = load_examples(ray.train.get_dataset_shard("train"))
-        self.eval_rows = load_examples(ray.train.get_dataset_shard("eval")) if loop_config["has_eval"] else []
+        # The tokenized examples, memory-mapped (ordered by example_id: a fixed order for the sampler)
+        files = loop_config["examples"]
+        self.train_rows = RowTable(files["train"], SFT_COLUMNS)
+        self.eval_rows = RowTable(files["eval"], SFT_COLUMNS) if files.get("eval") else []
         self.sampler = PairSampler(
             len(self.train_rows), global_batch_size=cfg.train.global_batch_size,
             micro_batch_size=cfg.train.micro_batch_size, world_size=s.world_size, rank=s.rank, seed=cfg.train.seed,
