@@ -313,3 +313,36 @@ def test_the_files_a_node_sees_are_compared_by_name_and_size(tmp_path):
     assert storage._listing(str(model)) == [("config.json", 2), ("sub/w.bin", 4)]
     assert storage._listing(str(model / "config.json")) == [("config.json", 2)]
     assert storage._listing(str(tmp_path / "absent")) is None
+
+
+def test_evaluate_refuses_a_model_or_scorer_on_one_machines_disk_of_a_cluster(tmp_path, monkeypatch):
+    """evaluate's generation and scoring actors load models on any node: on a cluster of several
+    nodes a local model or score model must look the same on every node, else one sentence."""
+    from types import SimpleNamespace
+
+    from safedpo_ray.evaluate.runner import Evaluation
+    from safedpo_ray.models.resolve import ModelSpec
+
+    model, cost = tmp_path / "model", tmp_path / "cost"
+    for d in (model, cost):
+        d.mkdir()
+        (d / "config.json").write_text("{}")
+    monkeypatch.setattr(storage, "alive_nodes", lambda: [{"NodeID": "a"}, {"NodeID": "b", "NodeManagerAddress": "10.0.0.2"}])
+    asked = []
+
+    def answers(fn, args, expected, nodes, timeout_s):
+        asked.append(args[0])
+        return [] if args[0] == str(model) else ["b (10.0.0.2)"]  # the model on a shared mount, the scorer not
+
+    monkeypatch.setattr(storage, "_nodes_not_answering", answers)
+    ev = SimpleNamespace(cfg=SimpleNamespace(scoring=SimpleNamespace(cost_model=str(cost), reward_model=None)),
+                         specs=[ModelSpec(label="m", path=str(model))])
+    with pytest.raises(storage.StorageError, match=r"scoring.cost_model='.*cost' is on this machine's disk only: "
+                                                   r"1 of the 2 nodes.*scoring.cost_model=s3://"):
+        Evaluation._check_inputs_reach_every_node(ev)
+    ev.cfg.scoring.cost_model = "s3://bucket/cost"  # fetched on each node: nothing to ask
+    Evaluation._check_inputs_reach_every_node(ev)
+    assert asked == [str(cost), str(model)]
+    ev.specs = [ModelSpec(label="m", path=str(model), reference=str(cost))]
+    with pytest.raises(storage.StorageError, match=r"model.reference='.*cost' is on this machine's disk only"):
+        Evaluation._check_inputs_reach_every_node(ev)

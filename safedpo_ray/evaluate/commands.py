@@ -5,7 +5,7 @@
         --xstest xstest_prompts.csv --cost-model scorers/cost --reward-model scorers/reward --baseline base
     safedpo-ray evaluate --generations eval/<name>/generations.jsonl --cost-model c --reward-model r  # rescore
     safedpo-ray evaluate --config safedpo_ray/configs/eval-paper-7b.yaml \
-        --model /shared/runs/sft --model /shared/runs/dpo-helpful --model /shared/runs/safedpo \
+        --model /mnt/shared/runs/sft --model /mnt/shared/runs/dpo-helpful --model /mnt/shared/runs/safedpo \
         --label sft --label dpo-helpful --label safedpo --anchor-zero sft --anchor-ten dpo-helpful   # the paper's protocol
     safedpo-ray evaluate --name e1 ...            # an existing eval/e1 is resumed: only what is missing is computed
     safedpo-ray evaluate --resume eval/e1         # the same, with the configuration saved in eval/e1/config.yaml

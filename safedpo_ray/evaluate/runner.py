@@ -45,6 +45,7 @@ from safedpo_ray.evaluate.scorers import score_with_ray
 from safedpo_ray.evaluate.xstest import read_xstest, xstest_metrics
 from safedpo_ray.models.resolve import EvalError, has_reference, resolve_model, resolve_models
 from safedpo_ray.runtime.ray_env import RayRequest, ensure_ray
+from safedpo_ray.runtime.storage import check_cluster_inputs
 from safedpo_ray.runtime.storage import exists as storage_exists
 from safedpo_ray.runtime.storage import is_remote, join, redact, staged_output_dir
 
@@ -194,6 +195,17 @@ class Evaluation:
         if not self._ray_started:
             ensure_ray(_ray_request(self.cfg))
             self._ray_started = True
+            self._check_inputs_reach_every_node()
+
+    def _check_inputs_reach_every_node(self) -> None:
+        """On a cluster of several nodes, the actors that load models run on any node: a local
+        model directory (a model, its adapter or reference, a score model) must show the same
+        files on every node (a shared mount), else one sentence says to give a storage URI."""
+        s = self.cfg.scoring
+        check_cluster_inputs({"scoring.cost_model": s.cost_model, "scoring.reward_model": s.reward_model})
+        for spec in self.specs:
+            check_cluster_inputs({"--model": spec.path, "model.reference": spec.reference,
+                                  "adapter": spec.adapter})
 
     def save(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
