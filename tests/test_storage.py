@@ -346,3 +346,18 @@ def test_evaluate_refuses_a_model_or_scorer_on_one_machines_disk_of_a_cluster(tm
     ev.specs = [ModelSpec(label="m", path=str(model), reference=str(cost))]
     with pytest.raises(storage.StorageError, match=r"model.reference='.*cost' is on this machine's disk only"):
         Evaluation._check_inputs_reach_every_node(ev)
+
+
+def test_a_data_source_in_the_store_with_options_in_its_query(s3):
+    """data.source as the store's URI with its options (endpoint, region) in the query: a
+    directory of shards, one file and a glob all resolve (the query's '?' is no glob character)."""
+    from safedpo_ray.data.files import resolve_files
+
+    for i in range(3):
+        storage.write_text(storage.join(s3.uri("src/shards"), f"part-{i}.jsonl"), '{"prompt": "p"}\n' * (i + 1))
+    files = resolve_files(s3.uri("src/shards"))
+    assert [f.uri for f in files] == [storage.join(s3.uri("src/shards"), f"part-{i}.jsonl") for i in range(3)]
+    assert [f.size for f in files] == [16, 32, 48]
+    (one,) = resolve_files(storage.join(s3.uri("src/shards"), "part-1.jsonl"))
+    assert one.size == 32
+    assert len(resolve_files(storage.join(s3.uri("src/shards"), "part-*.jsonl"))) == 3

@@ -86,11 +86,14 @@ def _filesystem(uri: str):
 
 
 def _join_uri(uri: str, path: str) -> str:
-    """The URI of `path` (a path inside the filesystem of `uri`)."""
+    """The URI of `path` (a path inside the filesystem of `uri`), with `uri`'s options (its query:
+    endpoint, region...), which the read tasks need to open it."""
     if not _is_uri(uri):
         return path
     scheme = uri.split("://", 1)[0]
-    return f"{scheme}://{path.lstrip('/')}" if scheme != "file" else f"file://{path}"
+    query = uri.split("?", 1)[1] if "?" in uri and scheme != "file" else ""
+    joined = f"{scheme}://{path.lstrip('/')}" if scheme != "file" else f"file://{path}"
+    return f"{joined}?{query}" if query else joined
 
 
 def is_hub_id(source: str) -> bool:
@@ -109,8 +112,9 @@ def resolve_files(source: str, report: list | None = None) -> list[SourceFile]:
     data.file_checks.Skipped, with "subdir:" entries for files read from subdirectories."""
     import pyarrow.fs as pafs
 
-    glob_chars = any(c in source for c in "*?[")
     fs, path = _filesystem(source)
+    # A URI's options ride in its query (s3://b/p?endpoint_override=...): its '?' is no glob.
+    glob_chars = any(c in (path if _is_uri(source) else source) for c in "*?[")
     infos: list = []
     if not _is_uri(source):
         return _resolve_local(source, path, glob_chars, report)

@@ -209,7 +209,7 @@ def prepare_data(cfg, *, chunks, names: list[str], identity: list[str], tokenize
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        stats = {s: {**stats[s], "files": sorted({n for c in chunks if c.split in (s, "hash")
+        stats = {s: {**stats[s], "files": sorted({storage.redact(n) for c in chunks if c.split in (s, "hash")
                                                    for n in [names[c.file_index]]})} for s in stats}
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
         (tmp / COMPLETE).write_text(json.dumps({"key": key, "seconds": time.perf_counter() - t0,

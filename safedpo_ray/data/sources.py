@@ -21,6 +21,7 @@ from safedpo_ray.data.files import (  # noqa: F401  (re-exported: the names call
     resolve_files,
 )
 from safedpo_ray.data.readers import read_chunk
+from safedpo_ray.runtime.storage import redact
 
 
 def chunks_for(source: str, *, split: str = "train", chunk_split: str = "hash", subset: str | None = None,
@@ -117,5 +118,5 @@ def print_data_files(report: dict, no_rows: list[str] = ()) -> None:
         skipped = [e for e in entries if isinstance(e, Skipped)]
         skipped += [Skipped(n, "no rows: only blank lines") for n in names if n in no_rows]
         subdirs = [e[len("subdir:"):] for e in entries if isinstance(e, str) and e.startswith("subdir:")]
-        shown = [n for n in names if n not in no_rows]
-        print(f"[safedpo] {describe_files(source, shown, skipped, subdirs)}", flush=True)
+        shown = [redact(n) for n in names if n not in no_rows]  # a URI's query may hold a key
+        print(f"[safedpo] {describe_files(redact(source), shown, skipped, subdirs)}", flush=True)
