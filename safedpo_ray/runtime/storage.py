@@ -536,9 +536,9 @@ def probe_same_files(path: str, nodes: list[dict[str, Any]], timeout_s: float = 
 def check_cluster_inputs(inputs: dict[str, str | None], *, nodes: list[dict[str, Any]] | None = None,
                          probe: Callable[[str, list[dict[str, Any]]], list[str]] = probe_same_files) -> None:
     """Refuse a local file or directory given as an input of remote work (a model the workers
-    load, keyed by its config key) on a cluster of several nodes unless every node sees the same
-    files there (a shared mount): the workers may run on any node. URIs are fetched on each node
-    and hub ids downloaded there, so both pass."""
+    load, data Ray Data's tasks read; keyed by its config key) on a cluster of several nodes
+    unless every node sees the same files there (a shared mount): that work may run on any node.
+    URIs are read (models: fetched) on each node and hub ids downloaded there, so both pass."""
     local = {k: v for k, v in inputs.items() if v and not is_remote(v) and Path(v).exists()}
     if not local:
         return
@@ -550,9 +550,9 @@ def check_cluster_inputs(inputs: dict[str, str | None], *, nodes: list[dict[str,
         if missing:
             raise StorageError(
                 f"{key}={value!r} is on this machine's disk only: {len(missing)} of the {len(nodes)} nodes of this "
-                f"cluster do not see the same files there ({', '.join(missing)}), and the workers may run on any "
-                f"of them. Copy it to an object store or a filesystem every node mounts and give that: "
-                f"{key}=s3://BUCKET/PREFIX (fetched once per node) or {key}=/mnt/shared/...")
+                f"cluster do not see the same files there ({', '.join(missing)}), and the work that reads it may "
+                f"run on any of them. Copy it to an object store or a filesystem every node mounts and give that: "
+                f"{key}=s3://BUCKET/PREFIX or {key}=/mnt/shared/...")
 
 
 def current_node_id() -> str | None:

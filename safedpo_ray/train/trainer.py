@@ -260,6 +260,8 @@ def prepare(cfg: Config, run_dir: Path, plan: DataPlan | None = None, *, dashboa
     ensure_ray(cfg.run, dashboard=dashboard)  # while the model is resolved
     ready = model.result()
     model_path = ready.path
+    if not is_prepared(cfg, plan.identity, model_path):  # Ray Data's read tasks run on any node
+        run_storage.check_cluster_inputs({"data.source": cfg.data.source, "data.eval_source": cfg.data.eval_source})
     data = prepare_data(cfg, chunks=plan.chunks, names=plan.names, identity=plan.identity, tokenizer_path=model_path,
                         tokenizer_spec=ready.tokenizer_spec, started=started)
     quarantined = copy_run_files(data, run_dir)
