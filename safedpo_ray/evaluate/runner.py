@@ -227,8 +227,8 @@ class Evaluation:
             key = implicit_key(spec, cfg.data, cfg.implicit, dtype=cfg.model.dtype)
             metrics = self.cache.implicit(key)
             if metrics is None:
-                print(f"[safedpo] implicit-reward metrics: {spec.label} ({len(pairs)} pairs)", flush=True)
                 self._ray()
+                print(f"[safedpo] implicit-reward metrics: {spec.label} ({len(pairs)} pairs)", flush=True)
                 metrics = run_implicit_on_ray(
                     spec, pairs, num_gpus=cfg.generation.gpus_per_actor, num_cpus=cfg.generation.cpus_per_actor,
                     beta=cfg.implicit.beta, batch_size=cfg.implicit.batch_size, max_length=cfg.data.max_length,
@@ -251,9 +251,9 @@ class Evaluation:
             missing = [p for p in prompts if p["prompt"] not in done]
             if missing:
                 check_engine(g)
+                self._ray()  # connected, and every node sees the models, before anything is announced
                 print(f"[safedpo] generating: {spec.label} ({len(missing)} of {len(prompts)} prompts, {g.engine}, "
                       f"{g.num_actors} actors)", flush=True)
-                self._ray()
                 rows = generate_with_ray(spec, missing, g, max_prompt_length=cfg.data.max_prompt_length,
                                          dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
                                          progress=cfg.output.progress)
@@ -283,8 +283,8 @@ class Evaluation:
                 if item not in done:
                     todo.setdefault(item, r)
             if todo:
-                print(f"[safedpo] scoring {len(todo)} responses with the {kind} model", flush=True)
                 self._ray()
+                print(f"[safedpo] scoring {len(todo)} responses with the {kind} model", flush=True)
                 scored = score_with_ray(
                     [{k: r.get(k) for k in ("prompt", "response", "truncated")} for r in todo.values()],
                     cost_model=path if kind == "cost" else None, reward_model=path if kind == "reward" else None,
