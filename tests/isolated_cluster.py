@@ -2,7 +2,8 @@
 
     with IsolatedCluster(hide=[job_dir], env=CREDENTIALS) as cluster:   # head + 2 worker nodes
         cluster.dashboard        # http://127.0.0.1:PORT (submit jobs here)
-        cluster.remove()         # kill the oldest worker node (SIGKILL to all its processes)
+        cluster.remove()         # kill the oldest worker node (SIGKILL to all its processes),
+        cluster.remove(node_id)  # ... or that one
         cluster.add()            # a new worker node
 
 * The head runs no work (`--num-cpus=0`, as KubeRay's raycluster.yaml): every task, actor and
@@ -177,19 +178,16 @@ class IsolatedCluster:
         self.workers.append(node)
         return self._wait_for(node, head=False)
 
-    def remove(self) -> str:
-        """Kill the oldest worker node (every process of it, SIGKILL: a lost machine)."""
-        node = self.workers.pop(0)
-        self._kill(node, graceful=False)
+    def remove(self, node_id: str | None = None) -> str:
+        """Kill a worker node (every process of it, SIGKILL: a lost machine): the one with this
+        Ray node id, else the oldest. Returns its node id."""
+        node = next(w for w in self.workers if node_id in (None, w.node_id))
+        self.workers.remove(node)
+        self._kill(node)
         return node.node_id or node.name
 
-    def _kill(self, node: Node, *, graceful: bool) -> None:
-        if graceful and node.proc.poll() is None:
-            node.proc.send_signal(signal.SIGTERM)  # `ray start --block` stops its node's processes
-            try:
-                node.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
+    def _kill(self, node: Node) -> None:
+        """SIGKILL every process of the node (its session)."""
         sid = node.proc.pid  # start_new_session: the session id is the first process's pid
         for pid in _session_members(sid):
             try:
@@ -216,8 +214,20 @@ class IsolatedCluster:
         self.close()
 
     def close(self) -> None:
-        for node in reversed(self._all):  # workers first, the head last
-            self._kill(node, graceful=True)
+        # Every node asked to stop at once (`ray start --block` stops its node's processes on
+        # SIGTERM), 10 s for all of them, then whatever is left of their sessions is killed:
+        # one node after another with 30 s each took ~30 s of every module's teardown.
+        running = [n for n in self._all if n.proc.poll() is None]
+        for node in running:
+            node.proc.send_signal(signal.SIGTERM)
+        deadline = time.time() + 10
+        for node in running:
+            try:
+                node.proc.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                pass
+        for node in reversed(self._all):
+            self._kill(node)
         shutil.rmtree(self.base, ignore_errors=True)
 
     def worker_ids(self) -> list[str]:

@@ -30,8 +30,12 @@ JOB_CONFIG = {
     "data": {"synthetic_prompts": 64, "synthetic_eval_prompts": 8, "max_length": 96, "max_prompt_length": 40},
     "train": {"global_batch_size": 4, "micro_batch_size": 2, "learning_rate": 1e-3, "max_steps": 3,
               "checkpoint_every": 2, "keep_checkpoints": 1},
-    "run": {"num_workers": 2, "node_wait_timeout_s": 120},
+    "run": {"num_workers": 2, "node_wait_timeout_s": 120, "max_failures": 2},
 }
+# The journey's sft and tune steps; the node-loss tests run them again, disturbed, and compare.
+SFT_ARGS = ("train.max_steps=6",)
+TUNE_ARGS = ("run.num_workers=1", "train.max_steps=6")
+REL, ABS = 1e-5, 1e-6  # a run restored from its checkpoint trains the same batches from the same state
 
 
 def wait_for_job_agent(dashboard: str, timeout: float = 300) -> None:
@@ -51,10 +55,11 @@ def wait_for_job_agent(dashboard: str, timeout: float = 300) -> None:
         time.sleep(0.5)
 
 
-def submit(cluster, job_dir: Path, capsys, *command: str) -> tuple[int, str, str]:
-    """`safedpo-ray submit --wait -- VERB ...` from job_dir; (exit code, job id, output)."""
+def submit(cluster, job_dir: Path, capsys, *command: str, wait: bool = True) -> tuple[int, str, str]:
+    """`safedpo-ray submit [--wait] -- VERB ...` from job_dir; (exit code, job id, output)."""
     capsys.readouterr()
-    code = cli(["submit", "--address", cluster.dashboard, "--working-dir", str(job_dir), "--wait", "--", *command])
+    code = cli(["submit", "--address", cluster.dashboard, "--working-dir", str(job_dir),
+                *(["--wait"] if wait else []), "--", *command])
     out = capsys.readouterr()
     found = re.search(r"submitted job (\S+):", out.out)
     return code, found.group(1) if found else "", out.out + out.err
@@ -122,9 +127,9 @@ def test_the_users_journey_as_jobs_prepare_sft_train_scorers_tune_evaluate(isola
         return job_id
 
     step("prepare", "prepare", *cfg, "run.name=prep")
-    step("sft", "sft", *cfg, "run.name=sft", "train.max_steps=2")
+    step("sft", "sft", *cfg, "run.name=sft", *SFT_ARGS)
     sft = json.loads(storage.read_text(storage.join(runs, "sft", "summary.json")))
-    assert sft["model_dir"] == storage.join(runs, "sft", "model") and sft["last_step"] == 2
+    assert sft["model_dir"] == storage.join(runs, "sft", "model") and sft["last_step"] == 6
     files = listing(storage.join(runs, "sft"))
     for name in ("config.yaml", "data_stats.json", "summary.json", "metrics.jsonl", "model/model.safetensors",
                  "model/tokenizer.json", "init-model/model.safetensors"):
@@ -161,7 +166,7 @@ def test_the_users_journey_as_jobs_prepare_sft_train_scorers_tune_evaluate(isola
         "name": "journey", "params": {"train.delta": {"grid": [0, 5]}}, "safety_threshold": 0.0,
         "scoring": {"cost_model": cost, "reward_model": reward, "max_prompts": 3, "max_new_tokens": 4}}))
     tune_id = step("tune", "tune", "--space", str(job_dir / "space.yaml"), *cfg, f"model.name_or_path={sft['model_dir']}",
-                   "run.num_workers=1", "train.max_steps=2")
+                   *TUNE_ARGS)
     search = json.loads(storage.read_text(storage.join(runs, "journey", "summary.json")))
     assert [r["status"] for r in search["rows"]] == ["done", "done"], search["rows"]
     assert all(0 <= r["score/harmless_ratio"] <= 1 for r in search["rows"])
@@ -195,6 +200,129 @@ def test_the_users_journey_as_jobs_prepare_sft_train_scorers_tune_evaluate(isola
     print("journey on the isolated cluster:", {k: round(v) for k, v in took.items()}, f"total {sum(took.values()):.0f} s")
 
 
+def wait_for_job(cluster, job_id: str, timeout: float = 900) -> str:
+    from safedpo_ray.cli.jobs import connect
+
+    jobs, deadline = connect(cluster.dashboard), time.time() + timeout
+    while time.time() < deadline:
+        status = str(jobs.get_job_status(job_id))
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            return status
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} still running after {timeout} s")
+
+
+def wait_for_checkpoint(cluster, job_id: str, root: str, timeout: float = 600) -> str:
+    """Block until a checkpoint of a run under `root` is committed (Ray Train's snapshot beside
+    it); returns the directory holding it."""
+    from safedpo_ray.cli.jobs import connect
+
+    jobs, deadline = connect(cluster.dashboard), time.time() + timeout
+    snapshot = "checkpoint_manager_snapshot.json"
+    while time.time() < deadline:
+        files = listing(root) if storage.exists(root) else set()
+        for name in files:
+            run = name[:-len(snapshot)]  # "" or "<dir>/"
+            if name.endswith(snapshot) and any(f.startswith(run + "checkpoint_2") for f in files):
+                return run.rstrip("/")
+        status = str(jobs.get_job_status(job_id))
+        assert status in ("PENDING", "RUNNING"), f"job {job_id} ended ({status}) before its first checkpoint"
+        time.sleep(0.5)
+    raise AssertionError(f"no checkpoint under {root} in {timeout} s")
+
+
+def lose_a_training_node(cluster) -> tuple[str, str]:
+    """SIGKILL the worker node that holds a Ray Train worker now, and start another node;
+    (lost node id, added node id)."""
+    from ray.util.state import list_actors
+
+    from safedpo_ray.cli.jobs import _address_wins
+
+    with _address_wins():
+        actors = list_actors(address=cluster.dashboard, filters=[("class_name", "=", "RayTrainWorker"),
+                                                                 ("state", "=", "ALIVE")],
+                             raise_on_missing_output=False)
+    nodes = [a.node_id for a in actors if a.node_id in cluster.worker_ids()]
+    assert nodes, f"no Ray Train worker alive on a worker node: {actors}"
+    lost = cluster.remove(nodes[0])
+    return lost, cluster.add()
+
+
+def losses(root: str) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for r in read_jsonl(storage.join(root, "metrics.jsonl")):
+        if "loss" in r:
+            assert r["step"] not in out, f"step {r['step']} logged twice"
+            out[r["step"]] = r["loss"]
+    return out
+
+
+def test_a_worker_node_lost_during_sft_finishes_the_same(isolated, capsys):
+    """`sft` loses the worker node of a training worker after its first checkpoint; a new node
+    joins; the job resumes from the checkpoint and ends with the same per-step losses, held-out
+    NLL and model as the journey's undisturbed sft (the same job)."""
+    cluster, s3, job_dir = isolated
+    runs = s3.uri("journey/runs")
+    cfg = ["--config", str(job_dir / "job.yaml"), f"run.storage_path={runs}", *SFT_ARGS]
+    calm_root, root = storage.join(runs, "sft"), storage.join(runs, "sft-storm")
+    if not storage.exists(storage.join(calm_root, "summary.json")):  # run alone: the undisturbed run first
+        code, _, out = submit(cluster, job_dir, capsys, "sft", *cfg, "run.name=sft")
+        assert code == 0, out[-6000:]
+    code, job_id, out = submit(cluster, job_dir, capsys, "sft", *cfg, "run.name=sft-storm",
+                               "train.step_delay_s=1", wait=False)
+    assert code == 0 and job_id, out[-3000:]
+    wait_for_checkpoint(cluster, job_id, root)
+    lost, added = lose_a_training_node(cluster)
+    assert wait_for_job(cluster, job_id) == "SUCCEEDED", job_logs(cluster, job_id, capsys)[-6000:]
+    logs = job_logs(cluster, job_id, capsys)
+    assert re.search(r"resuming at step [1-9]", logs), logs[-3000:]
+    calm = json.loads(storage.read_text(storage.join(calm_root, "summary.json")))
+    storm = json.loads(storage.read_text(storage.join(root, "summary.json")))
+    assert storm["last_step"] == calm["last_step"] == 6
+    assert lost not in storm["worker_nodes"], (lost, storm["worker_nodes"])
+    calm_losses, storm_losses = losses(calm_root), losses(root)
+    assert sorted(storm_losses) == sorted(calm_losses) == list(range(1, 7))
+    for k, v in calm_losses.items():
+        assert storm_losses[k] == pytest.approx(v, rel=REL, abs=ABS), k
+    for k, v in calm["eval_after"].items():
+        assert storm["eval_after"][k] == pytest.approx(v, rel=REL, abs=ABS), k
+    print(f"sft: lost node {lost[:8]}, added {added[:8]}; "
+          f"undisturbed {calm['wall_time_s']} s, disturbed {storm['wall_time_s']} s")
+
+
+def test_a_worker_node_lost_during_a_tune_trial_finishes_the_same(isolated, capsys):
+    """A one-trial `tune` (the journey's trial with Δ = 5) loses the node of the trial's training
+    worker after its first checkpoint; a new node joins; the trial ends with the same held-out
+    metrics and scores as the journey's undisturbed trial."""
+    cluster, s3, job_dir = isolated
+    runs = s3.uri("journey/runs")
+    cfg = ["--config", str(job_dir / "job.yaml"), f"run.storage_path={runs}", *TUNE_ARGS]
+    calm_exp = storage.join(runs, "journey")
+    sft_model = storage.join(runs, "sft", "model")
+    assert storage.exists(storage.join(calm_exp, "summary.json")), "run the module: the journey's tune is the undisturbed run"
+    space = yaml.safe_load((job_dir / "space.yaml").read_text())
+    space.update(name="storm", params={"train.delta": {"grid": [5]}})
+    (job_dir / "storm.yaml").write_text(yaml.safe_dump(space))
+    code, job_id, out = submit(cluster, job_dir, capsys, "tune", "--space", str(job_dir / "storm.yaml"), *cfg,
+                               f"model.name_or_path={sft_model}", "train.step_delay_s=1", wait=False)
+    assert code == 0 and job_id, out[-3000:]
+    wait_for_checkpoint(cluster, job_id, storage.join(runs, "storm", "train"))
+    lost, added = lose_a_training_node(cluster)
+    assert wait_for_job(cluster, job_id) == "SUCCEEDED", job_logs(cluster, job_id, capsys)[-6000:]
+    calm = json.loads(storage.read_text(storage.join(calm_exp, "summary.json")))
+    storm = json.loads(storage.read_text(storage.join(runs, "storm", "summary.json")))
+    (row,) = storm["rows"]
+    (before,) = [r for r in calm["rows"] if r["train.delta"] == 5]
+    assert row["status"] == "done" and row["step"] == before["step"] == 6, row
+    compared = [k for k in before if k.startswith(("eval/", "score/"))]
+    assert any(k.startswith("score/") for k in compared) and any(k.startswith("eval/") for k in compared), compared
+    for k in compared:
+        assert row[k] == pytest.approx(before[k], rel=REL, abs=ABS), k
+    trial = json.loads(storage.read_text(storage.join(runs, "storm", "trials", row["trial"], "summary.json")))
+    assert lost not in trial["worker_nodes"], (lost, trial["worker_nodes"])
+    print(f"tune trial: lost node {lost[:8]}, added {added[:8]}; resumed at step {trial.get('resumed_at_step')}")
+
+
 def test_a_model_on_the_heads_disk_is_refused_before_any_worker_starts(isolated, capsys):
     """model.name_or_path as a directory the job brought to the head: the worker nodes do not see
     it, so `train` says so and what to give instead, exit 2, before a worker is started."""
@@ -209,6 +337,10 @@ def test_a_model_on_the_heads_disk_is_refused_before_any_worker_starts(isolated,
         code, _, out = submit(cluster, job_dir, capsys, "train", "--config", str(job_dir / "job.yaml"),
                               f"run.storage_path={s3.uri('refused')}", "run.name=refused",
                               "model.name_or_path=local-model")
+        # evaluate's generation actors would load it on the worker nodes: refused the same way
+        eval_code, _, eval_out = submit(cluster, job_dir, capsys, "evaluate", "--model", "local-model",
+                                        "--data", "synthetic", "--output", s3.uri("refused-eval"),
+                                        "data.synthetic_prompts=4", "generation.max_new_tokens=2")
     finally:
         shutil.rmtree(job_dir / "local-model")  # the other tests ship job_dir too
     assert code != 0
@@ -216,6 +348,56 @@ def test_a_model_on_the_heads_disk_is_refused_before_any_worker_starts(isolated,
     assert "model.name_or_path=s3://BUCKET/PREFIX" in out and "Traceback" not in out
     assert "Started training worker group" not in out
     assert not storage.exists(storage.join(s3.uri("refused"), "refused", "model"))
+    assert eval_code != 0
+    assert re.search(r"--model='[^']*local-model' is on this machine's disk only: 2 of the 3 nodes", eval_out), \
+        eval_out[-3000:]
+    assert "--model=s3://BUCKET/PREFIX" in eval_out and "Traceback" not in eval_out
+    assert "[safedpo] generating" not in eval_out
+
+
+def test_prepare_reads_shards_from_the_store_on_both_worker_nodes_not_from_the_heads_disk(isolated, capsys):
+    """`prepare` of eight shards: given as a directory the job brought to the head, it is refused
+    (Ray Data's read tasks run on the worker nodes, which do not see it); given as their S3
+    prefix, the read tasks run on both worker nodes and every row is read once."""
+    from safedpo_ray.data.synthetic import make_synthetic_rows
+
+    cluster, s3, job_dir = isolated
+    rows = make_synthetic_rows(240, seed=3)
+    shards = job_dir / "shards"
+    shards.mkdir()
+    try:
+        for i in range(8):  # eight files: eight read tasks for the six CPUs of two worker nodes
+            text = "".join(json.dumps(r) + "\n" for r in rows[i * 30:(i + 1) * 30])
+            (shards / f"part-{i}.jsonl").write_text(text)
+            storage.write_text(storage.join(s3.uri("shards"), f"part-{i}.jsonl"), text)
+        args = ("prepare", f"run.storage_path={s3.uri('prepared')}", "run.name=p", "data.max_length=96",
+                "data.max_prompt_length=48")
+        code, _, out = submit(cluster, job_dir, capsys, *args, "data.source=shards")
+    finally:
+        shutil.rmtree(shards)  # the other tests ship job_dir too
+    assert code != 0
+    assert "data.source='shards' is on this machine's disk only: 2 of the 3 nodes" in out, out[-3000:]
+    assert "data.source=s3://BUCKET/PREFIX" in out and "Traceback" not in out
+    code, _, out = submit(cluster, job_dir, capsys, *args, f"data.source={s3.uri('shards')}")
+    assert code == 0, out[-6000:]
+    assert "[safedpo] rows were read on 2 nodes" in out, out[-3000:]
+    found = re.search(r"(\d+) rows read", out)
+    assert found and int(found.group(1)) == 240, out[-3000:]
+
+
+def test_the_default_train_submitted_again_and_again_succeeds_every_time(isolated, capsys):
+    """`submit --wait -- train` with the built-in default config (storage set, one step to keep
+    it short), three times: the driver's start-up threads import heavy packages while Ray
+    connects, and once raced each other ("partially initialized module 'torch'"), failing
+    the job before any Ray work, on every try."""
+    cluster, s3, job_dir = isolated
+    for attempt in range(3):
+        code, _, out = submit(cluster, job_dir, capsys, "train", f"run.storage_path={s3.uri('default')}",
+                              f"run.name=default-{attempt}", "train.max_steps=1")
+        assert code == 0, (attempt, out[-6000:])
+        assert "partially initialized module" not in out
+        summary = json.loads(storage.read_text(storage.join(s3.uri("default"), f"default-{attempt}", "summary.json")))
+        assert summary["last_step"] == 1
 
 
 PROBE = '''
