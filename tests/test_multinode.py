@@ -243,53 +243,6 @@ def test_submit_refuses_node_local_storage_on_two_nodes(cluster, job_dir, capsys
     assert "FAILED" in out.err
 
 
-def test_rank0_off_the_driver_node_reaches_storage(cluster, s3, job_dir, capsys, tmp_path, monkeypatch):
-    """One worker, pinned to the worker node: the driver (the job, on the head) reads rank 0's
-    summary, metrics and model back through the object store; nothing relies on a shared disk."""
-    cluster.ensure_worker()
-    root = storage.join(s3.uri("remote-rank0"), "r0")
-    code, job_id, out = submit(
-        cluster, job_dir, capsys, f"run.storage_path={s3.uri('remote-rank0')}", "run.name=r0",
-        "run.num_workers=1", "run.worker_resources={worker_node: 1}", "train.global_batch_size=4",
-        "train.max_steps=4", "train.cache_reference=true", wait=True)
-    assert code == 0, out
-    assert job_id and "[safedpo] step 4/4" in out  # --wait streamed the job's progress
-    files = run_files(root)
-    summary = files["summary"]
-    (rank0_node,) = summary["worker_nodes"]
-    assert rank0_node in cluster.workers and rank0_node != cluster.head
-    assert summary["driver_node_id"] == cluster.head  # the job's driver ran on the head
-    assert summary["run_dir"] == root and summary["model_dir"] == storage.join(root, "model")
-    assert summary["eval_after"]["rewards/margins/safe_unsafe"] > 0
-    assert sorted(files["losses"]) == [1, 2, 3, 4]
-    from safedpo_ray.models.loading import load_model
-
-    monkeypatch.setenv("SAFEDPO_STORAGE_CACHE", str(tmp_path / "cache"))  # where the model URI is fetched to
-    assert sum(p.numel() for p in load_model(summary["model_dir"]).parameters()) > 10_000
-
-
-def test_prepare_reads_on_both_nodes(cluster, tmp_path, capsys):
-    """`prepare` as a cluster job on shards: Ray Data's read tasks run on the head and on the worker
-    node (Ray Data's SPREAD), and every row of every shard is read once."""
-    from safedpo_ray.data.synthetic import make_synthetic_rows
-
-    cluster.ensure_worker()
-    shards = tmp_path / "shards"
-    shards.mkdir()
-    rows = make_synthetic_rows(240, seed=3)
-    for i in range(8):  # eight files: eight read tasks for five CPUs on two nodes
-        (shards / f"part-{i}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[i * 30:(i + 1) * 30]))
-    capsys.readouterr()
-    code = cli(["submit", "--address", cluster.dashboard, "--working-dir", str(tmp_path), "--wait", "--",
-                "prepare", "data.source=shards", "run.output_dir=out", "run.name=p", "data.max_length=96",
-                "data.max_prompt_length=48"])
-    out = capsys.readouterr()
-    assert code == 0, out.out + out.err
-    assert "[safedpo] rows were read on 2 nodes" in out.out, out.out
-    found = re.search(r"(\d+) rows read", out.out)
-    assert found and int(found.group(1)) == 240, out.out
-
-
 def test_lose_the_worker_node_and_finish_the_same(cluster, s3, job_dir, capsys):
     """A 2-node run loses its worker node mid-training; a new node joins; the job finishes from
     its last checkpoint with the same losses, pairs and final metrics as an undisturbed run."""
