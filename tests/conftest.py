@@ -1,6 +1,7 @@
 import os
 import sys
 import time
+import warnings
 
 import pytest
 
@@ -15,15 +16,19 @@ def pytest_configure(config):
 
 FIRST = ("test_isolated_cluster.py",)
 """Files collected first: with `-n 2 --dist loadfile` (pyproject.toml) each file runs whole on one of
-two workers, in collection order, so the longest (a cluster module, most of its time spent waiting
-on its jobs' processes) starts at once on one worker while the other runs the rest."""
+two workers, in collection order, so the longest (the cluster module, ~10 min alone) starts at once
+on one worker while the other runs the rest."""
 
 
 def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: 0 if item.path.name in FIRST else 1)  # stable: the rest keep their order
 
 
-def _say(message: str) -> None:
+def _say(message: str, *, warn: bool = False) -> None:
+    """To the terminal; `warn`: also a warning of the running test, which reaches the summary
+    from an xdist worker too (a worker's terminal output does not)."""
+    if warn:
+        warnings.warn(message, pytest.PytestWarning, stacklevel=2)
     if _capture is None:
         sys.stderr.write(message + "\n")
         return
@@ -44,7 +49,7 @@ def _start_session_ray():
         if ray.cluster_resources().get("CPU") == SESSION_CPUS:
             return
         _say(f"[conftest] a Ray with {ray.cluster_resources().get('CPU')} CPUs was left running; "
-             f"restarting the session's Ray with {SESSION_CPUS}")
+             f"restarting the session's Ray with {SESSION_CPUS}", warn=True)
         ray.shutdown()
     ensure_ray(RunConfig(num_workers=2, local_num_cpus=SESSION_CPUS))
 
@@ -101,7 +106,7 @@ def _shared_ray_is_left_clean(request):
     _say(
         f"[leak] {request.node.nodeid} left {total - free:g} of {total:g} CPUs taken: "
         f"{len(groups)} placement group(s), actors {sorted(v['ActorClassName'] for v in actors.values())};"
-        " removing them")
+        " removing them", warn=True)
     for g in groups:
         ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(g))))
     worker = ray._private.worker.global_worker
