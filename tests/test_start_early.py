@@ -84,6 +84,18 @@ def test_a_signal_while_the_workers_wait_stops_at_once(tmp_path):
     assert (tmp_path / "other" / preempt.STOP_MARKER).exists()
 
 
+def test_a_signal_before_fit_runs_while_the_pairs_are_prepared_says_so():
+    """The driver announces that the workers start, then imports and builds the trainer before
+    fit() runs: a signal in that window stops at once and says the pairs were being prepared."""
+    guard = preempt.DriverSignals()
+    guard.waiting_for_pairs = lambda: True
+    with pytest.raises(preempt.Interrupted, match="while the pairs were prepared: stopped, nothing to save"):
+        guard.handler(15, None)
+    guard = preempt.DriverSignals()  # no early start: the message of a command that had not begun
+    with pytest.raises(preempt.Interrupted, match="before training started: stopped, nothing to save"):
+        guard.handler(15, None)
+
+
 def test_workers_stopped_by_the_marker_say_nothing_was_saved():
     guard = preempt.DriverSignals()
     guard.signum = 2

@@ -117,6 +117,10 @@ class DriverSignals:
                 return  # the main thread, waiting for fit(), writes the marker
             if self.trained:
                 raise Interrupted(f"{signal_name(signum)} received after training ended: stopped", signum)
+            if self.waiting_for_pairs is not None and self.waiting_for_pairs():
+                # The workers are being started (fit() not yet running) while the pairs are prepared.
+                raise Interrupted(f"{signal_name(signum)} received while the pairs were prepared: stopped, "
+                                  f"nothing to save; {resume_hint(self.run_name)}", signum)
             raise Interrupted(f"{signal_name(signum)} received before training started: stopped, nothing "
                               f"to save; {resume_hint(self.run_name)}", signum)
         raise Interrupted(f"{signal_name(signum)} received again: stopped at once, without a new checkpoint; "
