@@ -198,6 +198,12 @@ try:
         if scenario == "early":
             send(signal.SIGINT, 0)
             time.sleep(5)
+        if scenario == "preparing":  # a thread prepares the pairs while the workers start
+            threading.Thread(target=lambda: (time.sleep(3), print("still preparing", flush=True)),
+                             daemon=True).start()
+            preempt.waiting_for_pairs(lambda: True)
+            send(signal.SIGTERM, 0)
+            time.sleep(5)
         send(signal.SIGTERM, 0.5, times=2 if scenario == "twice" else 1)
         summary = preempt.run_fit(fit, root=str(root))
         preempt.raise_if_stopped(summary, "r")
@@ -212,16 +218,20 @@ except UserError as exc:
                   "command and run.resume=true run.name=r"),
     ("twice", 143, "SIGTERM received again: stopped at once"),
     ("early", 130, "exit 130: SIGINT received before training started"),
+    ("preparing", 143, "SIGTERM received while the pairs were prepared: stopped, nothing to save"),
 ])
 def test_command_guard(tmp_path, scenario, code, says):
     """The driver's paths, with a stand-in for trainer.fit() (no Ray): one signal stops after the
     workers' checkpoint (the marker is written, fit returns, 128 + signal); a second one leaves at
-    once while fit is still running; a signal before training stops at once."""
+    once while fit is still running; a signal before training stops at once, and at once without
+    the orderly shutdown while a thread still prepares the pairs (it would go on using Ray)."""
     out = subprocess.run([sys.executable, "-c", GUARD_SCRIPT, scenario, str(tmp_path)], capture_output=True,
                          text=True, timeout=120)
     text = out.stdout + out.stderr
     assert says in text, text
-    assert out.returncode == (code if scenario == "twice" else 0), text  # "twice" leaves through os._exit
+    at_once = scenario in ("twice", "preparing")  # these leave through os._exit
+    assert out.returncode == (code if at_once else 0), text
+    assert "still preparing" not in text
     if scenario == "once":
         assert not (tmp_path / preempt.STOP_MARKER).exists()  # removed once fit() returned
 

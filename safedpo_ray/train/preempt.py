@@ -275,9 +275,14 @@ def command_guard(run_cfg: Any = None) -> Iterator[DriverSignals]:
         yield guard
     except Interrupted as stop:
         # (not Thread.is_alive: a join() interrupted by an exception leaves it wrongly False)
-        if guard.fit_done is not None and not guard.fit_done.is_set():
-            # fit() is still blocked inside Ray: no orderly shutdown from here. Our processes are
-            # killed (a cluster ends the job's actors when this driver goes), then we leave.
+        fitting = guard.fit_done is not None and not guard.fit_done.is_set()
+        # The pairs still being prepared in a thread (the workers start meanwhile): that thread
+        # would go on using Ray through the shutdown, and Ray Data starts a new local Ray for it.
+        preparing = guard.waiting_for_pairs is not None and guard.waiting_for_pairs()
+        if fitting or preparing:
+            # fit() or the preparation is still blocked inside Ray: no orderly shutdown from here.
+            # Our processes are killed (a cluster ends the job's actors when this driver goes),
+            # then we leave.
             for s in SIGNALS:
                 signal.signal(s, signal.SIG_IGN)
             print(f"safedpo-ray: {stop}", file=sys.stderr, flush=True)
