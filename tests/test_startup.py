@@ -256,3 +256,29 @@ def test_start_up_imports_heavy_packages_in_one_thread(tmp_path):
     assert report["code"] == 0
     assert set(report["first"]) == {"torch", "transformers", "ray.data", "ray.train.torch"}, report
     assert set(report["first"].values()) == {"safedpo-model"}, report
+
+
+def test_the_dashboard_port_is_never_one_of_rays_fixed_ports(monkeypatch):
+    """`ray.init` refuses a dashboard port equal to the dashboard agent's default (52365): a free
+    port that happens to be it is passed over."""
+    import socket
+
+    from safedpo_ray.runtime import ray_env
+
+    handed = iter([52365, 6379, 8265, 40001])
+
+    class Socket:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def bind(self, address):
+            self.port = next(handed)
+
+        def getsockname(self):
+            return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr(socket, "socket", Socket)
+    assert ray_env._free_port() == 40001

@@ -179,8 +179,18 @@ def _bind_loopback() -> None:
 
 
 def _free_port() -> int:
+    """A free port for the dashboard, never one of Ray's fixed defaults: the dashboard agent
+    listens on 52365 by default, and `ray.init` refuses a dashboard port equal to it (seen here
+    once, when the system handed out 52365)."""
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from ray._private import ray_constants
+
+    taken = {ray_constants.DEFAULT_PORT, ray_constants.DEFAULT_DASHBOARD_PORT,
+             ray_constants.DEFAULT_DASHBOARD_AGENT_LISTEN_PORT}
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in taken:
+            return port
