@@ -56,6 +56,11 @@ def test_zero2_trains_exports_and_logs(ray_local, tmp_path):
     changed = any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), init.state_dict().values()))
     assert changed
     assert s["data"]["train"]["transform"]["unsafe_unsafe"]["discarded"] > 0
+    # a local Ray (one machine) runs no preemption watcher: no node of it can be drained alone
+    from ray.util.state import list_actors
+
+    assert not list_actors(filters=[("class_name", "=", "PreemptionWatcher")], raise_on_missing_output=False)
+    assert list_actors(filters=[("class_name", "=", "TrainController")], raise_on_missing_output=False)
 
 
 def test_zero3_bf16(ray_local, tmp_path):

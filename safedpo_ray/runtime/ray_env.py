@@ -92,6 +92,10 @@ def ensure_ray(run: RunConfig | RayRequest, *, dashboard: bool = True) -> None:
     # its children), not a job runtime_env: with one, no prestarted worker could run our tasks and
     # each first task or actor waited ~1 s for a worker made by the runtime-env agent.
     os.environ.update(worker_env(run.use_gpu))
+    # One machine: none of this Ray's nodes can be drained or preempted apart from the machine
+    # itself, so Ray Train's preemption watcher (an actor per run: ~2 s of CPU and ~1 s of each
+    # run's start-up here) is off. On a cluster it stays on.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     needed = int(run.num_workers * run.cpus_per_worker) + 2
     num_cpus = run.local_num_cpus or max(os.cpu_count() or 1, needed)
     # Ray Train's placement-group cleaner asks the state API (served by the dashboard) whether the
