@@ -387,11 +387,11 @@ def test_prepare_reads_shards_from_the_store_on_both_worker_nodes_not_from_the_h
 
 def test_the_default_train_submitted_again_and_again_succeeds_every_time(isolated, capsys):
     """`submit --wait -- train` with the built-in default config (storage set, one step to keep
-    it short), three times: the driver's start-up threads import heavy packages while Ray
-    connects, and once raced each other ("partially initialized module 'torch'"), failing
-    the job before any Ray work, on every try."""
+    it short), twice: the driver's start-up threads import heavy packages while Ray connects,
+    and once raced each other ("partially initialized module 'torch'"), failing the job before
+    any Ray work, on every try (2 of 2). Every other job of this module starts the same way."""
     cluster, s3, job_dir = isolated
-    for attempt in range(3):
+    for attempt in range(2):
         code, _, out = submit(cluster, job_dir, capsys, "train", f"run.storage_path={s3.uri('default')}",
                               f"run.name=default-{attempt}", "train.max_steps=1")
         assert code == 0, (attempt, out[-6000:])
