@@ -84,6 +84,7 @@ def test_reference_pass_is_reused_on_the_same_inputs_and_recomputed_when_they_ch
     from safedpo_ray.data.reference import reference_logps
     from safedpo_ray.models.loading import load_model, load_tokenizer
     from safedpo_ray.data.pairs import PairTable
+    from safedpo_ray.search.experiment import _prepare_shared, prepare_experiment
     from safedpo_ray.train.trainer import attach_reference, prepare
 
     def prepared(name, *extra):
@@ -99,8 +100,11 @@ def test_reference_pass_is_reused_on_the_same_inputs_and_recomputed_when_they_ch
     _, second = prepared("second")
     assert not second.reference.computed and second.reference.key == first.reference.key
     assert second.data.reused and second.data.key == first.data.key
-    # a search on the same inputs reuses it too
-    again = experiment(tmp_path, "again", {"train.beta": {"grid": [0.2]}})
+    # a search on the same inputs reuses it too (the experiment's preparation, before any trial)
+    spec = load_space(space(tmp_path, "again", {"train.beta": {"grid": [0.2]}}))
+    spec, base, exp_dir = prepare_experiment(spec, base_config(None, spec, SMALL + [f"run.output_dir={tmp_path}"]),
+                                             None)
+    again = _prepare_shared(base, exp_dir)
     assert again["reference"]["computed"] is False and again["reference"]["key"] == first.reference.key
     # a changed max_length computes anew
     _, longer = prepared("longer", "data.max_length=120")
@@ -121,9 +125,10 @@ def test_reference_pass_is_reused_on_the_same_inputs_and_recomputed_when_they_ch
 
 
 def test_failed_trial_is_reported_and_others_complete(ray_local, tmp_path):
-    # peft refuses target modules the model does not have: that trial raises in its workers
+    # peft refuses target modules the model does not have: that trial raises in its workers (no
+    # retry: the same error again)
     s = experiment(tmp_path, "fail", {"model.lora.target_modules": {"grid": [["q_proj", "v_proj"], ["no_such_layer"]]}},
-                   "model.lora.enabled=true", "model.lora.r=2", trial_retries=1, safety_threshold=0.0)
+                   "model.lora.enabled=true", "model.lora.r=2", trial_retries=0, safety_threshold=0.0)
     status = {tuple(r["model.lora.target_modules"]): r for r in s["rows"]}
     assert status[("q_proj", "v_proj")]["status"] == "done"
     failed = status[("no_such_layer",)]
