@@ -63,23 +63,7 @@ def test_zero2_trains_exports_and_logs(ray_local, tmp_path):
     assert list_actors(filters=[("class_name", "=", "TrainController")], raise_on_missing_output=False)
 
 
-def test_zero3_bf16(ray_local, tmp_path):
-    s = run(tmp_path, "z3", "train.zero_stage=3", "train.precision=bf16", "train.max_steps=6",
-            "train.eval_at_start=measured")
-    assert s["eval_before"]["rewards/margins"] == 0.0
-    assert s["eval_after"]["rewards/margins/safe_unsafe"] > s["eval_before"]["rewards/margins/safe_unsafe"]
-    model = load_model(s["model_dir"])
-    assert sum(p.numel() for p in model.parameters()) > 10_000  # whole weights, not ZeRO-3 stubs
-
-
-def test_lora_reference_is_base_model(ray_local, tmp_path):
-    s = run(tmp_path, "lora", "model.lora.enabled=true", "model.lora.r=4", "train.max_steps=6",
-            "model.gradient_checkpointing=true",
-            "run.export_merged=true", "train.learning_rate=5e-3")
-    model_dir = Path(s["model_dir"])
-    assert (model_dir / "adapter" / "adapter_model.safetensors").exists()
-    assert (model_dir / "merged" / "model.safetensors").exists()
-    assert s["eval_after"]["rewards/margins/safe_unsafe"] > 0
+# ZeRO-3 in bf16 (cached and live reference), LoRA with its reference and exports: test_live_reference_and_zero3.py
 
 
 def test_resume_equals_uninterrupted(ray_local, tmp_path):
