@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import shutil
 import signal
 import subprocess
 import sys
@@ -307,45 +306,34 @@ def _latest_checkpoint(out: Path, name: str) -> Path:
     return out / name / "ray" / name / snap["latest_checkpoint_result"]["checkpoint_dir_name"]
 
 
-@pytest.fixture(scope="module")
-def stopped_run(ray_local, shared_out):
-    """A run stopped after step 4 with checkpoints at steps 2 and 4, made once and copied per test
-    (Ray Train's run folder <run>/ray/<name> is renamed with it; its snapshot names checkpoints
-    relative to that folder)."""
-    first = _train(shared_out, "stopped", "train.stop_at_step=4")
-    assert first["stopped_early"] and first["last_step"] == 4
-
-    def copy(name: str) -> Path:
-        shutil.copytree(shared_out / "stopped", shared_out / name)
-        (shared_out / name / "ray" / "stopped").rename(shared_out / name / "ray" / name)
-        return _latest_checkpoint(shared_out, name)
-
-    return copy
-
-
 @pytest.mark.timeout(300)
-def test_damaged_latest_checkpoint_falls_back_to_previous(ray_local, shared_out, stopped_run, capfd):
-    latest = stopped_run("damaged")
+def test_damaged_and_partial_checkpoints_fall_back_to_an_intact_one(ray_local, shared_out, capfd):
+    """A run stopped after step 6 with checkpoints at steps 2, 4 and 6: the latest has a truncated
+    shard, the one before lacks rank 1's manifest (its upload never finished); the resumed run
+    skips both, says so, and continues from step 2."""
+    first = _train(shared_out, "damaged", "train.max_steps=8", "train.stop_at_step=6", "train.keep_checkpoints=3")
+    assert first["stopped_early"] and first["last_step"] == 6
+    latest = _latest_checkpoint(shared_out, "damaged")
+    kept = sorted(p for p in latest.parent.glob("checkpoint_*") if p.is_dir())  # named by time: steps 2, 4, 6
+    assert len(kept) == 3 and kept[-1] == latest, kept
+    partial = kept[1]
     shard = latest / "state" / "mp_rank_00_model_states.pt"
     with open(shard, "r+b") as f:
         f.truncate(shard.stat().st_size // 2)
-    resumed = _train(shared_out, "damaged", "run.resume=true")
+    (partial / "manifest.rank1.json").unlink()
+    resumed = _train(shared_out, "damaged", "train.max_steps=8", "train.keep_checkpoints=3", "run.resume=true")
     assert resumed["restored_from"]["step"] == 2 and resumed["resumed_at_step"] == 2
-    assert resumed["restored_from"]["skipped"][0]["checkpoint"] == latest.name
-    assert "mp_rank_00_model_states.pt has" in resumed["restored_from"]["skipped"][0]["problems"][0]
-    assert resumed["last_step"] == 6 and "eval_after" in resumed
-    assert _logged_steps(shared_out / "damaged") == [1, 2, 3, 4, 5, 6]
+    damaged, unfinished = resumed["restored_from"]["skipped"]
+    assert (damaged["checkpoint"], damaged["step"]) == (latest.name, 6)
+    assert "mp_rank_00_model_states.pt has" in damaged["problems"][0]
+    assert (unfinished["checkpoint"], unfinished["step"]) == (partial.name, 4)
+    assert "written only in part" in unfinished["problems"][0]
+    assert resumed["last_step"] == 8 and "eval_after" in resumed
+    assert _logged_steps(shared_out / "damaged") == [1, 2, 3, 4, 5, 6, 7, 8]
     time.sleep(1)  # the workers' lines reach the driver through Ray's log monitor
-    assert f"warning: checkpoint {latest.name} (step 4) is damaged or incomplete" in capfd.readouterr().out
-
-
-@pytest.mark.timeout(300)
-def test_checkpoint_without_manifest_is_never_loaded(ray_local, shared_out, stopped_run):
-    latest = stopped_run("partial")
-    (latest / "manifest.rank1.json").unlink()  # as if rank 1's upload never finished
-    resumed = _train(shared_out, "partial", "run.resume=true")
-    assert resumed["resumed_at_step"] == 2 and resumed["last_step"] == 6
-    assert "written only in part" in resumed["restored_from"]["skipped"][0]["problems"][0]
+    out = capfd.readouterr().out
+    assert f"warning: checkpoint {latest.name} (step 6) is damaged or incomplete" in out
+    assert f"warning: checkpoint {partial.name} (step 4) is damaged or incomplete" in out
 
 
 @pytest.mark.timeout(300)
