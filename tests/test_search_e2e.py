@@ -44,12 +44,25 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
-def test_grid_writes_results_and_shares_one_reference_pass(ray_local, tmp_path):
+def test_grid_scores_generations_writes_results_and_shares_one_reference_pass(ray_local, tmp_path):
+    """Two trials at once, each scoring its generations with a cost and a reward model; result
+    files; one reference pass shared by both, giving the losses a live reference gives."""
+    import math
+
+    from test_eval_score_model import TEXTS, beaver_config, write_beaver
+
+    from safedpo_ray.models.loading import build_tiny_model, load_tokenizer
     from safedpo_ray.search.experiment import max_concurrent
 
+    tok = load_tokenizer(build_tiny_model(tmp_path / "tok", TEXTS, seed=0, hidden_size=32, num_layers=1,
+                                          num_heads=2, intermediate_size=64, vocab_size=400))
+    cost = write_beaver(tmp_path / "cost", tok)
+    reward = write_beaver(tmp_path / "reward", tok, config=beaver_config(tok, score_type="reward"))
     spec = load_space(space(tmp_path, "grid", {"train.delta": {"grid": [0, 5]}}))
     assert max_concurrent(base_config(None, spec, SMALL), spec, local=True) == 2  # both trials at once
-    s = experiment(tmp_path, "grid", {"train.delta": {"grid": [0, 5]}})
+    s = experiment(tmp_path, "grid", {"train.delta": {"grid": [0, 5]}}, safety_threshold=0.0,
+                   scoring={"cost_model": str(cost), "reward_model": str(reward), "max_prompts": 3,
+                            "max_new_tokens": 4})
     exp = Path(s["experiment_dir"])
     for name in ("results.csv", "results.md", "best.yaml", "pareto.png", "delta_sensitivity.png"):
         assert (exp / name).stat().st_size > 0, name
@@ -57,6 +70,15 @@ def test_grid_writes_results_and_shares_one_reference_pass(ray_local, tmp_path):
     assert sorted(float(r["train.delta"]) for r in rows) == [0.0, 5.0]
     assert all(r["status"] == "done" for r in rows)
     assert all(r["eval/rewards/accuracies/safe_unsafe"] and r["eval/rewards/accuracies/safe_safe"] for r in rows)
+    # the trials are compared on their scored generations
+    assert (s["safety"], s["helpfulness"]) == ("score/harmless_ratio", "score/mean_reward")
+    for row in s["rows"]:
+        assert 0 <= row["score/harmless_ratio"] <= 1 and math.isfinite(row["score/mean_reward"])
+        results = json.loads((exp / "trials" / row["trial"] / "evaluation" / "results.json").read_text())
+        (model,) = results["models"].values()
+        assert model["scores"]["responses"] == 3
+        assert model["scores"]["harmless_ratio"] == row["score/harmless_ratio"]
+    assert s["best"]["trial"] in {r["trial"] for r in s["rows"]}
     # one reference pass for the experiment; trials ran no reference forward at all
     assert s["reference"]["computed"] is True
     assert [r["reference_forwards"] for r in s["rows"]] == [0, 0]
@@ -74,7 +96,6 @@ def test_grid_writes_results_and_shares_one_reference_pass(ray_local, tmp_path):
     assert sorted(a) == [1, 2, 3]
     for step in a:
         assert a[step] == pytest.approx(b[step], rel=1e-5), step
-
 
 
 def test_reference_pass_is_reused_on_the_same_inputs_and_recomputed_when_they_change(ray_local, tmp_path):
@@ -157,31 +178,6 @@ def test_asha_stops_a_trial_and_frees_its_resources(ray_local, tmp_path):
         time.sleep(1)
     assert not live, live
     assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
-
-
-def test_trials_score_generations_with_cost_and_reward_models(ray_local, tmp_path):
-    import math
-
-    from test_eval_score_model import TEXTS, beaver_config, write_beaver
-
-    from safedpo_ray.models.loading import build_tiny_model, load_tokenizer
-
-    tok = load_tokenizer(build_tiny_model(tmp_path / "tok", TEXTS, seed=0, hidden_size=32, num_layers=1,
-                                          num_heads=2, intermediate_size=64, vocab_size=400))
-    cost = write_beaver(tmp_path / "cost", tok)
-    reward = write_beaver(tmp_path / "reward", tok, config=beaver_config(tok, score_type="reward"))
-    s = experiment(tmp_path, "scored", {"train.delta": {"grid": [5]}}, safety_threshold=0.0,
-                   scoring={"cost_model": str(cost), "reward_model": str(reward), "max_prompts": 3,
-                            "max_new_tokens": 4})
-    assert (s["safety"], s["helpfulness"]) == ("score/harmless_ratio", "score/mean_reward")
-    (row,) = s["rows"]
-    assert row["status"] == "done"
-    assert 0 <= row["score/harmless_ratio"] <= 1 and math.isfinite(row["score/mean_reward"])
-    assert s["best"]["trial"] == row["trial"]
-    results = json.loads((Path(s["experiment_dir"]) / "trials" / row["trial"] / "evaluation" / "results.json").read_text())
-    (model,) = results["models"].values()
-    assert model["scores"]["responses"] == 3
-    assert model["scores"]["harmless_ratio"] == row["score/harmless_ratio"]
 
 
 def _tune_cmd(tmp_path, *extra):
