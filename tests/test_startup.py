@@ -247,7 +247,7 @@ def test_start_up_imports_heavy_packages_in_one_thread(tmp_path):
     work. While Ray starts, one thread imports (trainer.start_model), never two."""
     args = ["data.synthetic_prompts=16", "data.synthetic_eval_prompts=8", "data.max_length=96",
             "data.max_prompt_length=32", "train.global_batch_size=4", "train.micro_batch_size=2",
-            "run.num_workers=2", "train.max_steps=1", "train.eval_every=0",
+            "run.num_workers=1", "train.max_steps=1", "train.eval_every=0",
             f"run.output_dir={tmp_path / 'runs'}"]
     done = subprocess.run([sys.executable, "-c", IMPORT_THREADS, "x", *args], capture_output=True, text=True,
                           timeout=280, cwd=tmp_path)
