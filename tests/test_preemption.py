@@ -262,6 +262,30 @@ def test_stop_check_requests(tmp_path, monkeypatch):
     assert check.poll(3, 10).kind == "drain" and check.poll(4, 10) is None  # one checkpoint per notice
 
 
+def test_stop_descendants_also_kills_what_appears_after_the_first_sweep(monkeypatch):
+    """A process forked while its parent was being killed is not in the first sweep's list: a
+    later sweep finds and kills it."""
+    import psutil
+
+    first = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    later = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        real, calls = preempt.live_descendants, []
+
+        def seen():
+            calls.append(1)
+            return [p for p in real() if len(calls) > 1 or p.pid != later.pid]  # missed at first
+
+        monkeypatch.setattr(preempt, "live_descendants", seen)
+        killed = preempt.stop_descendants(0.0)  # (it reaps them too)
+        assert sorted(killed) == sorted(f"python (pid {p.pid})" for p in (first, later)), killed
+        assert not psutil.pid_exists(first.pid) and not psutil.pid_exists(later.pid)
+    finally:
+        for proc in (first, later):
+            if psutil.pid_exists(proc.pid):
+                proc.kill()
+
+
 def test_stop_descendants_kills_what_outlives_the_wait():
     """In a process of its own (here it would also stop this session's Ray): a grandchild whose
     parent exited is still found (the subreaper) and killed after the wait."""

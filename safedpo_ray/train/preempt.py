@@ -216,16 +216,21 @@ def stop_descendants(timeout_s: float) -> list[str]:
         time.sleep(0.2)
         _reap_zombies()
         alive = live_descendants()
-    killed = []
-    for p in alive:
-        try:
-            killed.append(f"{p.name()} (pid {p.pid})")
-            p.kill()
-        except Exception:
-            continue
-    if alive:
-        time.sleep(0.2)
+    killed: list[str] = []
+    # Several sweeps: a process killed while it forked (a raylet starting a worker) leaves a child
+    # that the sweep before did not see (seen once: a Ray worker left running at exit).
+    for _ in range(5):
+        if not alive:
+            break
+        for p in alive:
+            try:
+                killed.append(f"{p.name()} (pid {p.pid})")
+                p.kill()
+            except Exception:
+                continue
+        time.sleep(0.1)
         _reap_zombies()
+        alive = live_descendants()
     return killed
 
 
