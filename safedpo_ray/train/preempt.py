@@ -109,6 +109,14 @@ class DriverSignals:
     def run_name(self) -> str | None:
         return getattr(self.run_cfg, "name", None)
 
+    def pairs_pending(self) -> bool:
+        """The workers started before their pairs, and none were announced to them yet."""
+        return self.waiting_for_pairs is not None and self.waiting_for_pairs()
+
+    def stopped_while_preparing(self) -> Interrupted:
+        return Interrupted(f"{signal_name(self.signum)} received while the pairs were prepared: stopped, "
+                           f"nothing to save; {resume_hint(self.run_name)}", self.signum)
+
     def handler(self, signum: int, frame: Any) -> None:
         self.count += 1
         if self.count == 1:
@@ -117,10 +125,8 @@ class DriverSignals:
                 return  # the main thread, waiting for fit(), writes the marker
             if self.trained:
                 raise Interrupted(f"{signal_name(signum)} received after training ended: stopped", signum)
-            if self.waiting_for_pairs is not None and self.waiting_for_pairs():
-                # The workers are being started (fit() not yet running) while the pairs are prepared.
-                raise Interrupted(f"{signal_name(signum)} received while the pairs were prepared: stopped, "
-                                  f"nothing to save; {resume_hint(self.run_name)}", signum)
+            if self.pairs_pending():  # the workers start (fit() not yet running) while the pairs are prepared
+                raise self.stopped_while_preparing()
             raise Interrupted(f"{signal_name(signum)} received before training started: stopped, nothing "
                               f"to save; {resume_hint(self.run_name)}", signum)
         raise Interrupted(f"{signal_name(signum)} received again: stopped at once, without a new checkpoint; "
@@ -134,11 +140,10 @@ class DriverSignals:
         if not self.marker_written:
             self.marker_written = True
             write_marker(self.marker, self.signum)  # the workers' wait for pairs ends on it too
-            if self.waiting_for_pairs is not None and self.waiting_for_pairs():
+            if self.pairs_pending():
                 # Nothing trained, nothing to save: stop at once rather than wait for the workers to
                 # load their model and see the marker while preparation keeps the CPUs (35 s at 200k rows).
-                raise Interrupted(f"{signal_name(self.signum)} received while the pairs were prepared: stopped, "
-                                  f"nothing to save; {resume_hint(self.run_name)}", self.signum)
+                raise self.stopped_while_preparing()
             what = (f"stopping after this step ({self.no_checkpoints} keeps no checkpoints)" if self.no_checkpoints
                     else "saving a checkpoint after this step, then stopping")
             print(f"[safedpo] {signal_name(self.signum)} received: {what} (at most {self.stop_timeout_s:g} s; "
@@ -283,8 +288,7 @@ def command_guard(run_cfg: Any = None) -> Iterator[DriverSignals]:
         fitting = guard.fit_done is not None and not guard.fit_done.is_set()
         # The pairs still being prepared in a thread (the workers start meanwhile): that thread
         # would go on using Ray through the shutdown, and Ray Data starts a new local Ray for it.
-        preparing = guard.waiting_for_pairs is not None and guard.waiting_for_pairs()
-        if fitting or preparing:
+        if fitting or guard.pairs_pending():
             # fit() or the preparation is still blocked inside Ray: no orderly shutdown from here.
             # Our processes are killed (a cluster ends the job's actors when this driver goes),
             # then we leave.
