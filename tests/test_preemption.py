@@ -327,6 +327,11 @@ def _logged_steps(run_dir: Path) -> list[int]:
             if "loss" in r and "eval/loss" not in r]
 
 
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r and "eval/loss" not in r}
+
+
 def _latest_checkpoint(out: Path, name: str) -> Path:
     snap = json.loads((out / name / "ray" / name / "checkpoint_manager_snapshot.json").read_text())
     return out / name / "ray" / name / snap["latest_checkpoint_result"]["checkpoint_dir_name"]
@@ -336,9 +341,16 @@ def _latest_checkpoint(out: Path, name: str) -> Path:
 def test_damaged_and_partial_checkpoints_fall_back_to_an_intact_one(ray_local, shared_out, capfd):
     """A run stopped after step 6 with checkpoints at steps 2, 4 and 6: the latest has a truncated
     shard, the one before lacks rank 1's manifest (its upload never finished); the resumed run
-    skips both, says so, and continues from step 2."""
+    skips both, says so, continues from step 2, and trains steps 3-6 to the losses the first,
+    uninterrupted run had there. Without run.resume=true the run is refused."""
+    from safedpo_ray.train.trainer import RunError
+
     first = _train(shared_out, "damaged", "train.max_steps=8", "train.stop_at_step=6", "train.keep_checkpoints=3")
-    assert first["stopped_early"] and first["last_step"] == 6
+    assert first["stopped_early"] and first["last_step"] == 6 and "eval_after" not in first
+    uninterrupted = _losses(shared_out / "damaged")
+    assert sorted(uninterrupted) == [1, 2, 3, 4, 5, 6]
+    with pytest.raises(RunError, match="resume"):
+        _train(shared_out, "damaged", "train.max_steps=8", "train.keep_checkpoints=3")
     latest = _latest_checkpoint(shared_out, "damaged")
     kept = sorted(p for p in latest.parent.glob("checkpoint_*") if p.is_dir())  # named by time: steps 2, 4, 6
     assert len(kept) == 3 and kept[-1] == latest, kept
@@ -356,6 +368,11 @@ def test_damaged_and_partial_checkpoints_fall_back_to_an_intact_one(ray_local, s
     assert "written only in part" in unfinished["problems"][0]
     assert resumed["last_step"] == 8 and "eval_after" in resumed
     assert _logged_steps(shared_out / "damaged") == [1, 2, 3, 4, 5, 6, 7, 8]
+    again = _losses(shared_out / "damaged")
+    for step in range(1, 7):  # 1-2 kept from the first run, 3-6 trained again from step 2's checkpoint
+        assert again[step] == pytest.approx(uninterrupted[step], rel=1e-5, abs=1e-6), step
+    # checkpoints at steps 4, 6 and 8 added to the three: train.keep_checkpoints=3 kept three
+    assert len([p for p in latest.parent.glob("checkpoint_*") if p.is_dir()]) == 3
     time.sleep(1)  # the workers' lines reach the driver through Ray's log monitor
     out = capfd.readouterr().out
     assert f"warning: checkpoint {latest.name} (step 6) is damaged or incomplete" in out
