@@ -288,6 +288,51 @@ def test_stop_descendants_also_kills_what_appears_after_the_first_sweep(monkeypa
                 proc.kill()
 
 
+def test_a_stop_at_once_kills_the_raylet_last_and_exits_with_its_code(monkeypatch):
+    """Leaving at once while threads are inside Ray calls: every process is frozen before any is
+    killed (none forks any more), the raylet and GCS are killed only once the others are gone,
+    and the exit follows at once with the signal's code (a raylet killed among the others made
+    Ray end the command with code 1 instead of 143)."""
+    events: list[tuple[str, str]] = []
+
+    class Proc:
+        def __init__(self, pid, name):
+            self.pid, self._name, self.dead = pid, name, False
+
+        def name(self):
+            return self._name
+
+        def suspend(self):
+            events.append(("stop", self._name))
+
+        def kill(self):
+            events.append(("kill", self._name))
+            self.dead = True
+
+    procs = [Proc(1, "raylet"), Proc(2, "ray::MapBatches"), Proc(3, "gcs_server"), Proc(4, "python")]
+    monkeypatch.setattr(preempt, "live_descendants", lambda: [p for p in procs if not p.dead])
+
+    def os_kill(pid, sig):
+        events.append(("SIGKILL", next(p.name() for p in procs if p.pid == pid)))
+
+    class Exited(Exception):
+        pass
+
+    def os_exit(code):
+        events.append(("exit", str(code)))
+        raise Exited
+
+    monkeypatch.setattr(preempt.os, "kill", os_kill)
+    monkeypatch.setattr(preempt.os, "_exit", os_exit)
+    monkeypatch.setattr(preempt, "_reap_zombies", lambda: None)  # (this process's own children are not ours to reap)
+    with pytest.raises(Exited):
+        preempt.exit_killing_descendants(143)
+    assert events[:4] == [("stop", "raylet"), ("stop", "ray::MapBatches"), ("stop", "gcs_server"), ("stop", "python")]
+    assert sorted(events[4:6]) == [("kill", "python"), ("kill", "ray::MapBatches")]
+    assert sorted(events[6:8]) == [("SIGKILL", "gcs_server"), ("SIGKILL", "raylet")]
+    assert events[8:] == [("exit", "143")]
+
+
 def test_stop_descendants_kills_what_outlives_the_wait():
     """In a process of its own (here it would also stop this session's Ray): a grandchild whose
     parent exited is still found (the subreaper) and killed after the wait."""

@@ -239,6 +239,54 @@ def stop_descendants(timeout_s: float) -> list[str]:
     return killed
 
 
+# Ray's node processes that this driver's threads talk to: a driver whose local raylet dies while
+# one of its threads is inside a Ray call exits at once with code 1 ("the local Raylet is dead").
+_NODE_PROCESSES = ("raylet", "gcs_server")
+
+
+def exit_killing_descendants(code: int) -> None:
+    """Leave now with `code`, killing every process of ours first, while threads of this process
+    may still be inside Ray calls. Everything is frozen first (SIGSTOP: nothing forks any more,
+    and a stopped raylet leaves those calls waiting instead of failing), everything but the
+    raylet and GCS is killed and reaped, then they are killed and the process exits at once:
+    killed earlier, the raylet's death made Ray end this process with code 1 before it could
+    exit with `code` (seen in CI: 1 instead of 143)."""
+    frozen: dict[int, Any] = {}
+    for _ in range(10):  # until a pass finds nothing new: frozen processes start no others
+        new = [p for p in live_descendants() if p.pid not in frozen]
+        if not new:
+            break
+        for p in new:
+            try:
+                p.suspend()
+            except Exception:
+                pass
+            frozen[p.pid] = p
+    last = []
+    for p in frozen.values():
+        try:
+            if p.name() in _NODE_PROCESSES:
+                last.append(p)
+                continue
+            p.kill()
+        except Exception:
+            continue
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        _reap_zombies()
+        if all(p.pid in {q.pid for q in last} for p in live_descendants()):
+            break
+        time.sleep(0.02)
+    for p in last:
+        try:
+            os.kill(p.pid, signal.SIGKILL)
+        except OSError:
+            pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def shutdown_ray(ours: bool, *, timeout_s: float = 15.0) -> None:
     """When Ray was not up as the command began (`ours`): `ray.shutdown()` of the Ray it started
     (`ray_env.started_here`; or one that Ray Data or Tune started on their own meanwhile): it
@@ -296,7 +344,7 @@ def command_guard(run_cfg: Any = None) -> Iterator[DriverSignals]:
                 signal.signal(s, signal.SIG_IGN)
             print(f"safedpo-ray: {stop}", file=sys.stderr, flush=True)
             if owns_ray:
-                stop_descendants(0.0)
+                exit_killing_descendants(128 + stop.signum)
             sys.stdout.flush()
             os._exit(128 + stop.signum)
         _cleanup(guard, owns_ray, previous)
