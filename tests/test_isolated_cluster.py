@@ -12,6 +12,9 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -29,7 +32,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 JOB_CONFIG = {
     "data": {"synthetic_prompts": 64, "synthetic_eval_prompts": 8, "max_length": 96, "max_prompt_length": 40},
     "train": {"global_batch_size": 4, "micro_batch_size": 2, "learning_rate": 1e-3, "max_steps": 3,
-              "checkpoint_every": 2, "keep_checkpoints": 1},
+              "checkpoint_every": 2, "keep_checkpoints": 1, "record_pairs": True},
     "run": {"num_workers": 2, "node_wait_timeout_s": 120, "max_failures": 2},
 }
 # The journey's sft and tune steps; the node-loss tests run them again, disturbed, and compare.
@@ -290,10 +293,55 @@ def test_a_worker_node_lost_during_sft_finishes_the_same(isolated, capsys):
           f"undisturbed {calm['wall_time_s']} s, disturbed {storm['wall_time_s']} s")
 
 
+def follow_logs(cluster, job_id: str) -> tuple[subprocess.Popen, list[tuple[float, str]]]:
+    """`safedpo-ray jobs logs ID --follow` in a subprocess; (it, the (time, line) pairs so far)."""
+    follower = subprocess.Popen([sys.executable, "-m", "safedpo_ray.cli", "jobs", "logs", job_id, "--follow",
+                                 "--address", cluster.dashboard], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+    lines: list[tuple[float, str]] = []
+    threading.Thread(target=lambda: lines.extend((time.time(), l) for l in follower.stdout), daemon=True).start()
+    return follower, lines
+
+
+def wait_for_progress(cluster, job_id: str, lines: list, *, past: int, timeout: float = 300) -> int:
+    """Block until the followed logs show a training step after `past`; returns that step."""
+    from safedpo_ray.cli.jobs import connect
+
+    jobs, deadline = connect(cluster.dashboard), time.time() + timeout
+    while time.time() < deadline:
+        steps = [int(m.group(1)) for _, l in list(lines) for m in [re.search(r"\[safedpo\] step (\d+)/", l)] if m]
+        if any(k > past for k in steps):
+            return max(steps)
+        assert str(jobs.get_job_status(job_id)) in ("PENDING", "RUNNING"), f"job ended before step {past + 1}"
+        time.sleep(0.2)
+    raise AssertionError(f"no training step after {past} in {timeout} s")
+
+
+def check_each_pair_once_per_epoch(pairs: list[dict], batch: int) -> None:
+    by_epoch: dict[int, list[int]] = {}
+    for record in pairs:
+        assert len(record["pair_ids"]) == batch
+        by_epoch.setdefault(record["epoch"], []).extend(record["pair_ids"])
+    for epoch, ids in by_epoch.items():
+        assert len(set(ids)) == len(ids), f"epoch {epoch}: pairs trained twice: " \
+            f"{sorted(i for i in set(ids) if ids.count(i) > 1)}"
+
+
+def test_the_exactly_once_check_catches_replays():
+    """(fast) The check below fails when a step's pairs are trained twice within an epoch."""
+    good = [{"step": 1, "epoch": 0, "pair_ids": [0, 1]}, {"step": 2, "epoch": 0, "pair_ids": [2, 3]},
+            {"step": 3, "epoch": 1, "pair_ids": [3, 0]}]
+    check_each_pair_once_per_epoch(good, batch=2)
+    with pytest.raises(AssertionError, match="epoch 0: pairs trained twice"):
+        check_each_pair_once_per_epoch(good[:2] + [{"step": 3, "epoch": 0, "pair_ids": [2, 4]}], batch=2)
+
+
 def test_a_worker_node_lost_during_a_tune_trial_finishes_the_same(isolated, capsys):
-    """A one-trial `tune` (the journey's trial with Δ = 5) loses the node of the trial's training
-    worker after its first checkpoint; a new node joins; the trial ends with the same held-out
-    metrics and scores as the journey's undisturbed trial."""
+    """A one-trial `tune` (the journey's trial with Δ = 5), followed with `jobs logs --follow`,
+    loses the node of the trial's training worker between two checkpoints; a new node joins; the
+    trial resumes from its checkpoint, trains the steps after it again (logged once, their pairs
+    counted once), and ends with the losses, pairs, held-out metrics and scores of the journey's
+    undisturbed trial."""
     cluster, s3, job_dir = isolated
     runs = s3.uri("journey/runs")
     cfg = ["--config", str(job_dir / "job.yaml"), f"run.storage_path={runs}", *TUNE_ARGS]
@@ -303,12 +351,29 @@ def test_a_worker_node_lost_during_a_tune_trial_finishes_the_same(isolated, caps
     space = yaml.safe_load((job_dir / "space.yaml").read_text())
     space.update(name="storm", params={"train.delta": {"grid": [5]}})
     (job_dir / "storm.yaml").write_text(yaml.safe_dump(space))
+    # a checkpoint at step 3 only (then the end), 2 s per step: time to lose the node at step 4 or 5
     code, job_id, out = submit(cluster, job_dir, capsys, "tune", "--space", str(job_dir / "storm.yaml"), *cfg,
-                               f"model.name_or_path={sft_model}", "train.step_delay_s=1", wait=False)
+                               f"model.name_or_path={sft_model}", "train.step_delay_s=2", "train.checkpoint_every=3",
+                               wait=False)
     assert code == 0 and job_id, out[-3000:]
+    follower, lines = follow_logs(cluster, job_id)
     wait_for_checkpoint(cluster, job_id, storage.join(runs, "storm", "train"))
+    step_at_loss = wait_for_progress(cluster, job_id, lines, past=3)
     lost, added = lose_a_training_node(cluster)
+    assert follower.wait(timeout=600) == 0, "".join(l for _, l in lines)[-6000:]
     assert wait_for_job(cluster, job_id) == "SUCCEEDED", job_logs(cluster, job_id, capsys)[-6000:]
+    text = "".join(l for _, l in lines)
+    from safedpo_ray.cli.jobs import connect
+
+    ended = connect(cluster.dashboard).get_job_info(job_id).end_time / 1000
+    progress = [t for t, l in lines if "[safedpo] step" in l]
+    assert progress and progress[0] < ended, text[-3000:]  # the progress was shown while the job ran
+    assert re.search(r"resuming at step 3", text), text[-3000:]
+    # lost after step 4 or 5 was logged, before the end: those steps were trained again (shown twice)
+    assert 3 < step_at_loss < 6
+    replayed = [k for k in range(4, step_at_loss + 1) if len(re.findall(rf"\[safedpo\] step {k}/6 ", text)) >= 2]
+    assert replayed, text[-3000:]
+
     calm = json.loads(storage.read_text(storage.join(calm_exp, "summary.json")))
     storm = json.loads(storage.read_text(storage.join(runs, "storm", "summary.json")))
     (row,) = storm["rows"]
@@ -318,9 +383,22 @@ def test_a_worker_node_lost_during_a_tune_trial_finishes_the_same(isolated, caps
     assert any(k.startswith("score/") for k in compared) and any(k.startswith("eval/") for k in compared), compared
     for k in compared:
         assert row[k] == pytest.approx(before[k], rel=REL, abs=ABS), k
-    trial = json.loads(storage.read_text(storage.join(runs, "storm", "trials", row["trial"], "summary.json")))
+    calm_root = storage.join(calm_exp, "trials", before["trial"])
+    root = storage.join(runs, "storm", "trials", row["trial"])
+    trial = json.loads(storage.read_text(storage.join(root, "summary.json")))
     assert lost not in trial["worker_nodes"], (lost, trial["worker_nodes"])
-    print(f"tune trial: lost node {lost[:8]}, added {added[:8]}; resumed at step {trial.get('resumed_at_step')}")
+    assert trial["resumed_at_step"] == 3
+    # the same loss at every step, each logged once; the same batches in the same order, each pair once
+    calm_losses, storm_losses = losses(calm_root), losses(root)
+    assert sorted(storm_losses) == sorted(calm_losses) == list(range(1, 7))
+    for k, v in calm_losses.items():
+        assert storm_losses[k] == pytest.approx(v, rel=REL, abs=ABS), k
+    calm_pairs, storm_pairs = (read_jsonl(storage.join(r, "pairs.jsonl")) for r in (calm_root, root))
+    assert [r["step"] for r in storm_pairs] == list(range(1, 7))
+    check_each_pair_once_per_epoch(storm_pairs, JOB_CONFIG["train"]["global_batch_size"])
+    assert [r["pair_ids"] for r in storm_pairs] == [r["pair_ids"] for r in calm_pairs]
+    print(f"tune trial: lost node {lost[:8]} after step {step_at_loss}, added {added[:8]}; resumed at step 3, "
+          f"steps trained again: {replayed}")
 
 
 def test_a_model_on_the_heads_disk_is_refused_before_any_worker_starts(isolated, capsys):
