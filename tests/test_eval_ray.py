@@ -80,20 +80,48 @@ XSTEST = """id,prompt,type,label,focus,note
 """
 
 
-@pytest.mark.timeout(480)
-def test_train_scorer_then_evaluate_end_to_end(ray_local, tiny_run, tmp_path, capsys):
-    from safedpo_ray.cli.main import main
+@pytest.fixture
+def s3():
+    from s3_server import S3Server
 
-    scorers = tmp_path / "scorers"
-    assert main(["train-scorer", "--kind", "both", "--output", str(scorers), "data.synthetic_prompts=32",
-                 "data.synthetic_eval_prompts=8", "data.max_length=128", "data.max_prompt_length=48",
-                 "train.global_batch_size=8", "train.micro_batch_size=2", "train.max_steps=3",
-                 "run.num_workers=2"]) == 0
+    with S3Server() as server:
+        yield server
+
+
+@pytest.mark.timeout(600)
+def test_train_scorer_then_evaluate_end_to_end(ray_local, tiny_run, s3, tmp_path, capsys, monkeypatch):
+    """`train-scorer` (its own command and local Ray, ZeRO-3 on 2 workers, 5 held-out pairs split
+    3/2) writes both scorers to an object store (moto's S3 server, tests/s3_server.py); `evaluate`
+    reads them by URI and scores, judges and compares a policy with them."""
+    from test_outputs_in_storage import SMALL as SCORER_ARGS
+    from test_outputs_in_storage import _listing, run_cli
+
+    from safedpo_ray.cli.main import main
+    from safedpo_ray.models.score_model import load_score_model
+    from safedpo_ray.runtime import storage
+
+    monkeypatch.setenv("SAFEDPO_STORAGE_CACHE", str(tmp_path / "cache"))  # the scorers fetched from the store
+    out_uri = s3.uri("scorers")
+    run_cli(tmp_path, "train-scorer", "--kind", "both", "--output", out_uri, "data.synthetic_prompts=16",
+            "data.synthetic_eval_prompts=5", "train.max_steps=2", "train.zero_stage=3", *SCORER_ARGS)
+    files = _listing(out_uri)
     for kind in ("cost", "reward"):
-        config = json.loads((scorers / kind / "config.json").read_text())
+        for name in ("config.json", "model.safetensors", "tokenizer.json"):
+            assert f"{kind}/{name}" in files, (kind, name, sorted(files))
+    for name in ("summary.json", "config.yaml", "backbone/model.safetensors"):
+        assert name in files, (name, sorted(files))
+    summary = json.loads(storage.read_text(storage.join(out_uri, "summary.json")))
+    assert summary["eval_pairs"] == 5  # 3 + 2 on two ranks: uneven
+    for kind in ("cost", "reward"):
+        m = summary["models"][kind]
+        assert m["model_dir"] == storage.join(out_uri, kind) and m["steps"] == 2 and "accuracy" in m["eval"]
+        assert m["eval_forwards_per_rank"] == [2, 2]  # equal work per rank (ZeRO-3 forwards are collective)
+        config = json.loads(storage.read_text(storage.join(out_uri, kind, "config.json")))
         assert config["architectures"] == ["LlamaForScore"] and config["score_type"] == kind
-    summary = json.loads((scorers / "summary.json").read_text())
-    assert summary["models"]["cost"]["steps"] == 3 and "sign_accuracy" in summary["models"]["cost"]["eval"]
+    assert "sign_accuracy" in summary["models"]["cost"]["eval"]
+    # what evaluate --cost-model <URI> reads: a safe-rlhf score model, loadable from a local copy
+    assert load_score_model(storage.localize(summary["models"]["cost"]["model_dir"])).config.score_type == "cost"
+    scorers = {kind: storage.join(out_uri, kind) for kind in ("cost", "reward")}
 
     xs = tmp_path / "xs.csv"
     xs.write_text(XSTEST)
@@ -109,7 +137,7 @@ def test_train_scorer_then_evaluate_end_to_end(ray_local, tiny_run, tmp_path, ca
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Judge)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     args = ["evaluate", "--model", str(tiny_run), "--label", "policy", "--data", "synthetic",
-            "--xstest", str(xs), "--cost-model", str(scorers / "cost"), "--reward-model", str(scorers / "reward"),
+            "--xstest", str(xs), "--cost-model", scorers["cost"], "--reward-model", scorers["reward"],
             "--baseline", str(baseline), "--output", str(tmp_path / "eval"), "--name", "e2e",
             "data.synthetic_prompts=8", "data.max_prompts=4", "generation.max_new_tokens=8",
             "generation.batch_size=4", "generation.num_actors=1", "output.progress=false",
@@ -151,7 +179,7 @@ def test_train_scorer_then_evaluate_end_to_end(ray_local, tiny_run, tmp_path, ca
 
     # scoring alone: the saved generations, re-scored without any policy, give the same scores
     assert main(["evaluate", "--generations", str(out / "generations.jsonl"), "--baseline", "baseline",
-                 "--cost-model", str(scorers / "cost"), "--reward-model", str(scorers / "reward"),
+                 "--cost-model", scorers["cost"], "--reward-model", scorers["reward"],
                  "--output", str(tmp_path / "eval"), "--name", "rescore", "output.progress=false"]) == 0
     again = json.loads((tmp_path / "eval" / "rescore" / "results.json").read_text())
     for key in ("harmless_ratio", "mean_cost", "mean_reward", "win_rate"):
