@@ -175,6 +175,22 @@ def test_the_users_journey_as_jobs_prepare_sft_train_scorers_tune_evaluate(isola
     assert all(0 <= r["score/harmless_ratio"] <= 1 for r in search["rows"])
     assert search["best"]["trial"] in {r["trial"] for r in search["rows"]}
     assert "journey" in job_logs(cluster, tune_id, capsys)
+    # the experiment, Tune's state and each trial's files are in the store
+    exp = storage.join(runs, "journey")
+    files = listing(exp)
+    for name in ("results.md", "results.csv", "best.yaml", "summary.json", "search.yaml"):
+        assert name in files, (name, sorted(files))
+    assert any(f.endswith("tuner.pkl") or "experiment_state" in f for f in files), sorted(files)
+    for row in search["rows"]:
+        assert f"trials/{row['trial']}/model/config.json" in files
+        assert storage.read_json(storage.join(exp, "trials", row["trial"], "summary.json"))["eval_after"]
+    assert any(f.startswith(".cache/prepared/") for f in listing(runs))
+    # every input a trial reads is addressed where any node reads it, never on the driver's disk
+    shared = storage.read_json(storage.join(exp, "shared.json"))
+    inputs = {"held_out_prompts": shared["held_out_prompts"], "pairs": shared["data"]["root"],
+              "reference": shared["reference"]["path"], "model": shared["model_path"]}
+    assert all(v.startswith("s3://") for v in inputs.values()), inputs
+    assert storage.read_text(inputs["held_out_prompts"]).strip()
 
     eval_id = step("evaluate", "evaluate", "--model", storage.join(runs, "sft"), "--label", "sft",
          "--model", storage.join(runs, "dpo"), "--label", "safedpo", "--data", "synthetic",

@@ -1,16 +1,13 @@
 """Searches keep everything under run.storage_path: a shared filesystem holds the experiment
-itself; an object store gets Tune's state, every trial's outputs, the result files and the
-shared caches (the driver stages under run.output_dir)."""
+itself and its caches. (An object store getting Tune's state, every trial's outputs, the result
+files and the shared caches: the journey's `tune`, tests/test_isolated_cluster.py.)"""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import yaml
 
-from s3_server import S3Server
-from safedpo_ray.runtime import storage
 from safedpo_ray.search.experiment import run_experiment
 from safedpo_ray.search.space import base_config, load_space
 
@@ -43,32 +40,6 @@ def test_a_shared_filesystem_holds_the_experiment_and_its_caches(ray_local, tmp_
     assert not (tmp_path / "local" / ".cache").exists()  # nothing node-local
 
 
-def test_an_object_store_gets_the_experiment(ray_local, tmp_path):
-    if os.environ.get("AWS_ACCESS_KEY_ID") != "testing":
-        pytest.skip("Ray was started without the test store's credentials (see conftest.py)")
-    with S3Server() as s3:
-        base = s3.uri("searches")
-        s = experiment(tmp_path, "on-s3", f"run.storage_path={base}")
-        remote = storage.join(base, "on-s3")
-        for name in ("results.md", "results.csv", "best.yaml", "summary.json", "search.yaml"):
-            assert storage.exists(storage.join(remote, name)), name
-        fs, path = storage.resolve(remote)
-        import pyarrow.fs as pafs
-
-        listed = [i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))]
-        assert any(p.endswith("tuner.pkl") or "experiment_state" in p for p in listed)  # Tune's state
-        trial = s["rows"][0]["trial"]
-        summary = storage.read_json(storage.join(remote, "trials", trial, "summary.json"))
-        assert summary["eval_after"] and storage.exists(storage.join(remote, "trials", trial, "model", "config.json"))
-        assert storage.exists(storage.join(base, ".cache", "prepared")) or any(
-            ".cache/prepared" in i.path for i in fs.get_file_info(pafs.FileSelector(path.rsplit("/", 1)[0], recursive=True)))
-        assert s["rows"][0]["status"] == "done"
-        # every input a trial reads is addressed where any node reads it, not on the driver's disk
-        shared = storage.read_json(storage.join(remote, "shared.json"))
-        inputs = {"held_out_prompts": shared["held_out_prompts"], "pairs": shared["data"]["root"],
-                  "reference": shared["reference"]["path"], "model": shared["model_path"]}
-        assert all(v.startswith("s3://") for v in inputs.values()), inputs
-        assert not any(str(tmp_path) in v for v in inputs.values()), inputs
-        from safedpo_ray.evaluate.generate import read_prompt_file
-
-        assert len(read_prompt_file(storage.localize(inputs["held_out_prompts"]))) > 0
+# A search whose run.storage_path is an object store (S3): the journey's `tune` on a cluster whose
+# nodes share no disk, tests/test_isolated_cluster.py (result files, Tune's state, trials and the
+# inputs trials read, all in the store).
