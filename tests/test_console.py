@@ -3,6 +3,7 @@ the libraries' logs in <run>/logs/console.log; `--verbose` brings them back. The
 the real `safedpo-ray` command in a subprocess, with fake secrets in its environment that must
 show up nowhere."""
 
+import json
 import os
 import subprocess
 import sys
@@ -29,10 +30,13 @@ def out_dir(tmp_path_factory) -> Path:
 
 
 def run_cli(tmp_path: Path, name: str, *flags: str, verb: str = "train") -> subprocess.CompletedProcess:
+    """The `safedpo-ray` executable under tests/reaped_run.py (a child subreaper: it writes to
+    <name>.reaped.json which of the command's processes were still alive when it exited)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     env.update(FAKE, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="60", PYTHONUNBUFFERED="1")
     exe = Path(sys.executable).with_name("safedpo-ray")
-    return subprocess.run([str(exe), verb, *flags, *TINY, f"run.output_dir={tmp_path}", f"run.name={name}"],
+    wrapper = [sys.executable, str(Path(__file__).with_name("reaped_run.py")), str(tmp_path / f"{name}.reaped.json"), "--"]
+    return subprocess.run([*wrapper, str(exe), verb, *flags, *TINY, f"run.output_dir={tmp_path}", f"run.name={name}"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
 
 
@@ -67,6 +71,8 @@ def test_default_console_shows_our_lines_and_logs_the_rest(out_dir):
     assert "(RayTrainWorker pid=" in text and "[safedpo] step 4/4" in text  # and the workers', ours included
     assert_no_secret(done.stdout, done.stderr, root=run_dir)  # config.yaml, metrics, summary, model, logs
     assert_no_secret(root=tmp_path / ".cache")  # prepared pairs, reference log-probs
+    # nothing of ours outlives a command that ended normally (the local Ray it started included)
+    assert json.loads((tmp_path / "quiet.reaped.json").read_text())["left_at_exit"] == []
 
 
 @pytest.mark.timeout(240)
