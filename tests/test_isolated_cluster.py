@@ -479,6 +479,59 @@ def test_prepare_reads_shards_from_the_store_on_both_worker_nodes_not_from_the_h
     assert found and int(found.group(1)) == 240, out[-3000:]
 
 
+def test_submit_refuses_node_local_storage(isolated, capsys):
+    """run.storage_path unset on a cluster of several nodes: `submit` refuses before shipping
+    (exit 2), and a job sent past it (plain Ray Jobs API, as `ray job submit` would) fails with
+    the same advice."""
+    from safedpo_ray.cli.jobs import connect
+
+    cluster, _, job_dir = isolated
+    code, job_id, out = submit(cluster, job_dir, capsys, "train", "--config", str(job_dir / "job.yaml"),
+                               "run.name=nostorage")
+    assert code == 2 and not job_id, out
+    assert "run.storage_path is unset" in out and "nothing was submitted" in out
+    job_id = connect(cluster.dashboard).submit_job(entrypoint="safedpo-ray train --config job.yaml run.name=nostorage",
+                                                   runtime_env={"working_dir": str(job_dir)})
+    capsys.readouterr()
+    assert cli(["jobs", "logs", job_id, "--follow", "--address", cluster.dashboard]) == 1
+    out = capsys.readouterr()
+    assert "run.storage_path is unset" in out.out and "s3://" in out.out
+    assert "FAILED" in out.err
+
+
+def test_nodes_that_do_not_come_back_fail_the_run_in_stated_time(isolated, capsys):
+    """One training worker per worker node; one node lost and none added: the run fails after
+    run.node_wait_timeout_s with a message naming the key and how to resume, instead of waiting
+    forever. (A node is added back for the module's other tests.)"""
+    cluster, s3, job_dir = isolated
+    gone = {**JOB_CONFIG, "run": {**JOB_CONFIG["run"], "node_wait_timeout_s": 15,
+                                  "worker_resources": {"worker_node": 1}}}  # each worker node has one
+    (job_dir / "gone.yaml").write_text(yaml.safe_dump(gone))
+    base = s3.uri("gone")
+    code, job_id, out = submit(cluster, job_dir, capsys, "train", "--config", str(job_dir / "gone.yaml"),
+                               f"run.storage_path={base}", "run.name=gone", "train.max_steps=8",
+                               "train.step_delay_s=1", wait=False)
+    assert code == 0 and job_id, out[-3000:]
+    try:
+        wait_for_checkpoint(cluster, job_id, storage.join(base, "gone"))
+        cluster.remove()  # either worker node holds a training worker
+        killed = time.time()
+        capsys.readouterr()
+        assert cli(["jobs", "logs", job_id, "--follow", "--address", cluster.dashboard]) == 1
+        ended = time.time() - killed
+        out = capsys.readouterr()
+        assert "run.node_wait_timeout_s=15 s" in out.out and "run.resume=true run.name=gone" in out.out, out.out[-3000:]
+        assert "FAILED" in out.err
+        assert ended < 15 + 120, f"took {ended:.0f} s after the node was lost"
+        capsys.readouterr()
+        assert cli(["jobs", "status", job_id, "--address", cluster.dashboard]) == 1
+        assert "FAILED" in capsys.readouterr().out
+    finally:
+        while len(cluster.workers) < 2:
+            cluster.add()
+    print(f"the run failed {ended:.0f} s after its worker node was lost (run.node_wait_timeout_s=15)")
+
+
 def test_the_default_train_submitted_again_and_again_succeeds_every_time(isolated, capsys):
     """`submit --wait -- train` with the built-in default config (storage set, one step to keep
     it short), twice: the driver's start-up threads import heavy packages while Ray connects,

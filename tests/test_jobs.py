@@ -1,5 +1,5 @@
 """`safedpo-ray submit` / `jobs` without a cluster: what is checked before anything is shipped, what
-is shipped, and the messages and exit codes (safedpo_ray/cli/jobs.py). Real jobs: tests/test_multinode.py."""
+is shipped, and the messages and exit codes (safedpo_ray/cli/jobs.py). Real jobs: tests/test_isolated_cluster.py."""
 
 from __future__ import annotations
 
