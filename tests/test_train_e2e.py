@@ -70,29 +70,43 @@ def test_zero2_trains_exports_and_logs(ray_local, tmp_path):
 # test_preemption.py::test_damaged_and_partial_checkpoints_fall_back_to_an_intact_one
 
 
-def test_accumulation_invariance(ray_local, tmp_path):
-    """Global batch 8 as 2 workers × 4 pairs × 1 step, or 2 workers × 1 pair × 4 accumulation
-    steps; also ZeRO-0 against ZeRO-1, which must not change the numbers either."""
-    first = run(tmp_path, "acc1", "train.max_steps=3", "train.micro_batch_size=4", "train.zero_stage=0")
-    # a short run on more pairs than it trains: reference computed live, no pass over every pair
-    assert "reference" not in first and first["reference_forwards"] > 0
-    a = losses(first)
-    b = losses(run(tmp_path, "acc4", "train.max_steps=3", "train.micro_batch_size=1", "train.zero_stage=1"))
-    for step in (1, 2, 3):
-        assert a[step] == pytest.approx(b[step], rel=1e-4), step
-
-
-def test_cached_reference_equals_live_reference(ray_local, tmp_path):
-    cached = run(tmp_path, "cached", "train.epochs=1")  # a whole epoch: the cached pass is used
-    assert cached["reference"]["computed"] and cached["reference_forwards"] == 0
+def test_accumulation_zero_stage_and_the_cached_reference_leave_the_numbers_unchanged(ray_local, tmp_path):
+    """One epoch at global batch 8, two ways: 2 workers × 1 pair × 4 accumulation steps with
+    ZeRO-1 and the cached reference pass, or 2 workers × 4 pairs × 1 step with ZeRO-0 and a live
+    reference model. Neither accumulation, nor the ZeRO stage, nor where the reference log-probs
+    come from may change the numbers: the same loss at every step, the same final held-out margin."""
+    cached = run(tmp_path, "cached", "train.epochs=1", "train.micro_batch_size=1", "train.zero_stage=1")
+    assert cached["reference"]["computed"] and cached["reference_forwards"] == 0  # a whole epoch: the pass is used
     # held-out metrics at the start are derived (π = π_ref): no forward, the values a measurement gives
     before = cached["eval_before"]
     assert "loss" not in before and before["rewards/margins"] == 0.0 and before["rewards/accuracies"] == 0.5
     assert before["pairs/safe_safe"] + before["pairs/safe_unsafe"] == cached["data"]["eval"]["pairs"]
-    live = run(tmp_path, "live", "train.epochs=1", "train.cache_reference=false")  # the same schedule
+    live = run(tmp_path, "live", "train.epochs=1", "train.micro_batch_size=4", "train.zero_stage=0",
+               "train.cache_reference=false")
     assert "reference" not in live and live["reference_forwards"] > 0
-    # (a short run computes its reference live: test_accumulation_invariance)
     a, b = losses(cached), losses(live)
-    for step in (1, 2, 3):
-        assert a[step] == pytest.approx(b[step], rel=1e-5), step
+    assert sorted(a) == sorted(b) and len(a) >= 3, (sorted(a), sorted(b))
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-4), step
     assert cached["eval_after"]["rewards/margins"] == pytest.approx(live["eval_after"]["rewards/margins"], rel=1e-4)
+
+
+def test_a_short_run_computes_its_reference_live_and_an_epoch_gets_the_pass(monkeypatch, capsys):
+    """(fast) A run that trains fewer pairs than it has gets no pass over every pair; one that
+    trains them all does."""
+    from safedpo_ray.train import trainer
+
+    calls = []
+
+    class Pass:
+        def describe(self):
+            return "reference log-probs: a pass"
+
+    monkeypatch.setattr(trainer, "reference_logps", lambda *args, **kwargs: calls.append(kwargs) or Pass())
+    short = trainer.Prepared(data=None, stats={"train": {"pairs": 100}}, model_path="m")
+    trainer.attach_reference(load_config(None, SMALL + ["train.max_steps=3"]), short)
+    assert short.reference is None and not calls
+    assert "computed live: this run trains on 24 of 100 pairs" in capsys.readouterr().out
+    whole = trainer.Prepared(data=None, stats={"train": {"pairs": 100}}, model_path="m")
+    trainer.attach_reference(load_config(None, SMALL + ["train.max_steps=13"]), whole)
+    assert isinstance(whole.reference, Pass) and len(calls) == 1
