@@ -171,10 +171,14 @@ def _tune_cmd(tmp_path, *extra):
             *SMALL, "model.lora.enabled=true", "model.lora.r=2", f"run.output_dir={tmp_path}", *extra]
 
 
-def test_resume_after_the_driver_is_killed_runs_only_unfinished_trials(tmp_path):
-    """The driver is killed after the first trial finished; `tune --resume` runs only the other
-    one, which fails: it is reported, the finished one completes the experiment."""
-    env = {**os.environ, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "60"}
+def test_resume_after_the_driver_is_killed_runs_only_unfinished_trials(ray_local, tmp_path, capsys):
+    """The driver (`safedpo-ray tune`, its own process and local Ray) is killed after the first
+    trial finished; `tune --resume` (here, on the session's Ray) runs only the other one, which
+    fails: it is reported, the finished one completes the experiment."""
+    from safedpo_ray.cli.main import main
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "60"  # its own local Ray, beside this session's
     proc = subprocess.Popen(_tune_cmd(tmp_path), env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     trials = tmp_path / "kill" / "trials"
@@ -190,9 +194,9 @@ def test_resume_after_the_driver_is_killed_runs_only_unfinished_trials(tmp_path)
     assert yaml.safe_load((first.parent / "config.yaml").read_text())["model"]["lora"]["target_modules"] == \
         ["q_proj", "v_proj"]
     finished_at = first.stat().st_mtime_ns
-    out = subprocess.run([sys.executable, "-m", "safedpo_ray.cli", "tune", "--resume", "kill",
-                          f"run.output_dir={tmp_path}"], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    capsys.readouterr()
+    assert main(["tune", "--resume", "kill", f"run.output_dir={tmp_path}"]) == 0
+    out = capsys.readouterr().out
     rows = list(csv.DictReader((tmp_path / "kill" / "results.csv").open()))
     assert sorted(r["status"] for r in rows) == ["done", "error"]
     assert first.stat().st_mtime_ns == finished_at  # the finished trial was not run again
@@ -204,7 +208,7 @@ def test_resume_after_the_driver_is_killed_runs_only_unfinished_trials(tmp_path)
     md = (tmp_path / "kill" / "results.md").read_text()
     assert "## Failed trials" in md and "no_such_layer" in md
     assert summary["best"]["model.lora.target_modules"] == ["q_proj", "v_proj"]
-    assert "best trial" in out.stdout
+    assert "best trial" in out
 
 
 def test_resume_of_unknown_experiment_is_a_clear_error(tmp_path):
