@@ -356,8 +356,8 @@ def test_a_worker_node_lost_during_a_tune_trial_finishes_the_same(isolated, caps
     """A one-trial `tune` (the journey's trial with Δ = 5), followed with `jobs logs --follow`,
     loses the node of the trial's training worker between two checkpoints; a new node joins; the
     trial resumes from its checkpoint, trains the steps after it again (logged once, their pairs
-    counted once), and ends with the losses, pairs, held-out metrics and scores of the journey's
-    undisturbed trial."""
+    counted once), and ends with the losses, pairs and held-out metrics of the journey's
+    undisturbed trial (which was also scored; this one is not)."""
     cluster, s3, job_dir = isolated
     runs = s3.uri("journey/runs")
     cfg = ["--config", str(job_dir / "job.yaml"), f"run.storage_path={runs}", *TUNE_ARGS]
@@ -366,6 +366,7 @@ def test_a_worker_node_lost_during_a_tune_trial_finishes_the_same(isolated, caps
     assert storage.exists(storage.join(calm_exp, "summary.json")), "run the module: the journey's tune is the undisturbed run"
     space = yaml.safe_load((job_dir / "space.yaml").read_text())
     space.update(name="storm", params={"train.delta": {"grid": [5]}})
+    del space["scoring"]  # (the scores are a function of the final model; the held-out metrics compare it)
     (job_dir / "storm.yaml").write_text(yaml.safe_dump(space))
     # a checkpoint at step 3 only (then the end), 2 s per step: time to lose the node at step 4 or 5
     code, job_id, out = submit(cluster, job_dir, capsys, "tune", "--space", str(job_dir / "storm.yaml"), *cfg,
@@ -395,8 +396,8 @@ def test_a_worker_node_lost_during_a_tune_trial_finishes_the_same(isolated, caps
     (row,) = storm["rows"]
     (before,) = [r for r in calm["rows"] if r["train.delta"] == 5]
     assert row["status"] == "done" and row["step"] == before["step"] == 6, row
-    compared = [k for k in before if k.startswith(("eval/", "score/"))]
-    assert any(k.startswith("score/") for k in compared) and any(k.startswith("eval/") for k in compared), compared
+    compared = [k for k in before if k.startswith("eval/")]
+    assert len(compared) > 5, compared
     for k in compared:
         assert row[k] == pytest.approx(before[k], rel=REL, abs=ABS), k
     calm_root = storage.join(calm_exp, "trials", before["trial"])
@@ -499,10 +500,20 @@ def test_submit_refuses_node_local_storage(isolated, capsys):
     assert "FAILED" in out.err
 
 
+def alive_nodes(cluster) -> set[str]:
+    from ray.util.state import list_nodes
+
+    from safedpo_ray.cli.jobs import _address_wins
+
+    with _address_wins():  # not the session's local Ray, whose address the environment holds
+        nodes = list_nodes(address=cluster.dashboard, raise_on_missing_output=False)
+    return {n.node_id for n in nodes if str(n.state) == "ALIVE"}
+
+
 def test_nodes_that_do_not_come_back_fail_the_run_in_stated_time(isolated, capsys):
     """One training worker per worker node; one node lost and none added: the run fails after
     run.node_wait_timeout_s with a message naming the key and how to resume, instead of waiting
-    forever. (A node is added back for the module's other tests.)"""
+    forever; another node added leaves the cluster with two worker nodes again."""
     cluster, s3, job_dir = isolated
     gone = {**JOB_CONFIG, "run": {**JOB_CONFIG["run"], "node_wait_timeout_s": 15,
                                   "worker_resources": {"worker_node": 1}}}  # each worker node has one
@@ -514,7 +525,7 @@ def test_nodes_that_do_not_come_back_fail_the_run_in_stated_time(isolated, capsy
     assert code == 0 and job_id, out[-3000:]
     try:
         wait_for_checkpoint(cluster, job_id, storage.join(base, "gone"))
-        cluster.remove()  # either worker node holds a training worker
+        lost = cluster.remove()  # either worker node holds a training worker
         killed = time.time()
         capsys.readouterr()
         assert cli(["jobs", "logs", job_id, "--follow", "--address", cluster.dashboard]) == 1
@@ -526,9 +537,12 @@ def test_nodes_that_do_not_come_back_fail_the_run_in_stated_time(isolated, capsy
         capsys.readouterr()
         assert cli(["jobs", "status", job_id, "--address", cluster.dashboard]) == 1
         assert "FAILED" in capsys.readouterr().out
+        assert lost not in alive_nodes(cluster)
     finally:
         while len(cluster.workers) < 2:
             cluster.add()
+    # another node added: the cluster has two worker nodes again
+    assert alive_nodes(cluster) == {cluster.head.node_id, *cluster.worker_ids()} and len(cluster.workers) == 2
     print(f"the run failed {ended:.0f} s after its worker node was lost (run.node_wait_timeout_s=15)")
 
 
@@ -566,12 +580,10 @@ print("PROBE " + json.dumps(ray.get([look.options(scheduling_strategy=NodeAffini
 '''
 
 
-def test_worker_nodes_see_none_of_the_heads_files_and_can_be_replaced(isolated, tmp_path, capsys):
+def test_worker_nodes_see_none_of_the_heads_files(isolated, tmp_path, capsys):
     """The cluster itself: the head has no CPUs; on each worker node the head's directory and the
-    test's directories are empty and HOME is the node's own; a worker node killed and another added
-    leave the cluster with two worker nodes again."""
-    from ray.util.state import list_nodes
-
+    test's directories are empty and HOME is the node's own. (A worker node killed and another
+    added: test_nodes_that_do_not_come_back_fail_the_run_in_stated_time.)"""
     cluster, _, _ = isolated
     (tmp_path / "probe.py").write_text(PROBE)
     (tmp_path / "marker").write_text("on the test's disk")
@@ -593,17 +605,3 @@ def test_worker_nodes_see_none_of_the_heads_files_and_can_be_replaced(isolated, 
         assert s["listings"][str(tmp_path)] in (None, []), s  # under the hidden pytest base: not there
         assert s["home"].startswith(str(cluster.base)) and not s["home"].startswith(str(cluster.head_dir))
 
-    def alive() -> set[str]:
-        from safedpo_ray.cli.jobs import _address_wins
-
-        with _address_wins():  # not the session's local Ray, whose address the environment holds
-            nodes = list_nodes(address=cluster.dashboard, raise_on_missing_output=False)
-        return {n.node_id for n in nodes if str(n.state) == "ALIVE"}
-
-    lost = cluster.remove()
-    deadline = time.time() + 120
-    while lost in alive() and time.time() < deadline:
-        time.sleep(1)
-    assert lost not in alive()
-    added = cluster.add()
-    assert alive() == {cluster.head.node_id, *cluster.worker_ids()} and added in alive() and len(cluster.workers) == 2
