@@ -271,10 +271,10 @@ def exit_killing_descendants(code: int) -> None:
             p.kill()
         except Exception:
             continue
-    deadline = time.monotonic() + 2.0
+    spared, deadline = {p.pid for p in last}, time.monotonic() + 2.0
     while time.monotonic() < deadline:
         _reap_zombies()
-        if all(p.pid in {q.pid for q in last} for p in live_descendants()):
+        if all(p.pid in spared for p in live_descendants()):
             break
         time.sleep(0.02)
     for p in last:
